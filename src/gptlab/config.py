@@ -1,0 +1,319 @@
+"""The typed schema of a training config, and the checks that run before any expensive work.
+
+Hydra composes `conf/`; `load_config` turns the result into typed dataclasses, rejecting wrong types,
+unknown keys and inconsistent values with a `ConfigError` that names the offending key. Groups whose
+options carry different knobs (optimizer, scheduler, data, logger, ...) pick their schema by `name`.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from gptlab.model import GPTConfig
+
+GPT2_VOCAB = 50257  # ids the GPT-2 tokenizer can produce; the model's vocab_size must cover them
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: `key` is the dotted path of the offending value."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass
+class AdamWConfig:
+    name: str = "adamw"
+    lr: float = 6e-4  # peak learning rate
+    weight_decay: float = 0.1  # decoupled (Loshchilov & Hutter), on >=2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    decay_embeddings: bool = True  # also decay the (tied) token and position embeddings
+
+
+@dataclass
+class CosineConfig:
+    name: str = "cosine"
+    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
+    min_lr_ratio: float = 0.1  # the LR decays to min_lr = min_lr_ratio * optimizer.lr
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+    trainer_precision: str = "32-true"  # Lightning's precision flag
+    matmul_precision: str = "highest"  # torch.set_float32_matmul_precision: highest | high (TF32) | medium
+
+
+@dataclass
+class SampleDataConfig:
+    name: str = "sample"
+    source: str = "stdlib"  # the raw input: this Python's own documentation
+    dir: str = MISSING  # folder of prepared shards
+    seq_len: int = 256  # tokens per training sequence (T)
+    micro_batch_size: int = 8  # sequences per forward pass per device (B)
+    val_fraction: float = 0.05  # share of documents held out for validation
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class SingleDeviceConfig:
+    name: str = "single"
+    strategy: str = "auto"  # Lightning strategy flag
+    num_nodes: int = 1
+
+
+@dataclass
+class WandbLoggerConfig:
+    name: str = "wandb"
+    project: str = "gptlab"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    group: Optional[str] = None
+    job_type: str = "train"
+
+
+@dataclass
+class CsvLoggerConfig:
+    name: str = "csv"
+
+
+@dataclass
+class NoLoggerConfig:
+    name: str = "none"
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"  # cpu | gpu | cuda | mps | auto
+    devices: int = 1  # devices per node
+    max_steps: int = 1000  # optimizer steps; ignored when max_tokens is set
+    log_every_n_steps: int = 10
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 500  # periodic checkpoints; last.ckpt is also written at the end
+    save_top_k: int = -1  # how many periodic checkpoints to keep (-1: all)
+
+
+@dataclass
+class CallbacksConfig:
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    progress_bar_refresh_rate: int = 1  # 0 hides the progress bar
+
+
+@dataclass
+class EvalConfig:
+    every_n_steps: int = 50  # validation loss every N optimizer steps and at the end
+    at_start: bool = True  # also validate before the first step (the run's starting loss)
+    val_tokens: int = 16384  # held-out tokens each validation reads (a fixed prefix of the val split)
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    data_dir: str = MISSING
+    output_root: str = MISSING
+    output_dir: str = MISSING  # this run's folder (Hydra's output dir)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337  # any integer, 0 included
+    global_batch_tokens: int = 4096  # tokens per optimizer step, across devices and micro-steps
+    max_tokens: Optional[int] = None  # training budget in tokens; null uses trainer.max_steps
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    ckpt_path: Optional[str] = None  # a checkpoint to resume this run from
+    tags: list[str] = field(default_factory=list)
+    model: GPTConfig = field(default_factory=GPTConfig)
+    optimizer: Any = None
+    scheduler: Any = None
+    precision: Any = None
+    data: Any = None
+    distributed: Any = None
+    logger: Any = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+# Groups whose options have different fields: option name -> schema.
+SCHEMAS: dict[str, dict[str, type]] = {
+    "optimizer": {"adamw": AdamWConfig},
+    "scheduler": {"cosine": CosineConfig},
+    "precision": {name: PrecisionConfig for name in ("fp32", "tf32", "bf16", "fp16")},
+    "data": {"sample": SampleDataConfig},
+    "distributed": {"single": SingleDeviceConfig},
+    "logger": {"wandb": WandbLoggerConfig, "csv": CsvLoggerConfig, "none": NoLoggerConfig},
+}
+
+PRECISION_FLAGS = ("32-true", "bf16-mixed", "16-mixed")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+WANDB_MODES = ("offline", "online", "disabled")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Quantities derived from the config: how the token budget becomes optimizer steps."""
+
+    world_size: int
+    grad_accum: int  # micro-steps per optimizer step
+    total_steps: int
+    tokens_per_step: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.total_steps * self.tokens_per_step
+
+
+def load_config(cfg: DictConfig | dict) -> tuple[TrainConfig, RunPlan]:
+    """Type-check and validate a composed config; raise ConfigError naming the first bad key."""
+    raw = _resolve(cfg)
+    groups = {key: _typed_group(key, raw.pop(key, None)) for key in SCHEMAS}
+    groups["model"] = _typed(GPTConfig, raw.pop("model", {}), "model")
+    top = _typed(TrainConfig, raw, "")
+    train_cfg = dataclasses.replace(top, **groups)
+    plan = _plan(train_cfg)
+    _check_values(train_cfg, plan)
+    return train_cfg, plan
+
+
+def _resolve(cfg: DictConfig | dict) -> dict:
+    try:
+        return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(e.full_key or "<config>", _first_line(e)) from None
+
+
+def _typed_group(key: str, node: Any):
+    if not isinstance(node, dict):
+        raise ConfigError(key, f"missing config group; pick one of: {', '.join(SCHEMAS[key])}")
+    options = SCHEMAS[key]
+    name = node.get("name")
+    if name not in options:
+        raise ConfigError(f"{key}.name", f"unknown option {name!r}; choose one of: {', '.join(options)}")
+    return _typed(options[name], node, key)
+
+
+def _typed(schema: type, node: dict, prefix: str):
+    """Merge `node` into the dataclass `schema`: wrong types and unknown keys raise ConfigError."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except MissingMandatoryValue as e:
+        raise ConfigError(_join(prefix, e.full_key), "is required but has no value") from None
+    except OmegaConfBaseException as e:
+        key = _join(prefix, e.full_key or str(e.key or ""))
+        if "not in" in str(e):  # ConfigKeyError / ConfigAttributeError for an unknown key
+            allowed = ", ".join(f.name for f in dataclasses.fields(schema))
+            raise ConfigError(key, f"unknown key; allowed here: {allowed}") from None
+        raise ConfigError(key, _first_line(e)) from None
+
+
+def _plan(cfg: TrainConfig) -> RunPlan:
+    world = cfg.trainer.devices * cfg.distributed.num_nodes
+    _require(world >= 1, "trainer.devices", f"must be >= 1 (got {cfg.trainer.devices})")
+    _require(cfg.distributed.num_nodes >= 1, "distributed.num_nodes", "must be >= 1")
+    per_micro_step = cfg.data.micro_batch_size * cfg.data.seq_len * world
+    _require(cfg.data.micro_batch_size >= 1, "data.micro_batch_size", "must be >= 1")
+    _require(cfg.data.seq_len >= 1, "data.seq_len", "must be >= 1")
+    _require(
+        cfg.global_batch_tokens > 0 and cfg.global_batch_tokens % per_micro_step == 0,
+        "global_batch_tokens",
+        f"must be a positive multiple of data.micro_batch_size x data.seq_len x devices "
+        f"= {cfg.data.micro_batch_size} x {cfg.data.seq_len} x {world} = {per_micro_step} "
+        f"(got {cfg.global_batch_tokens})",
+    )
+    if cfg.max_tokens is not None:
+        _require(
+            cfg.max_tokens >= cfg.global_batch_tokens,
+            "max_tokens",
+            f"must be at least one step of global_batch_tokens={cfg.global_batch_tokens} (got {cfg.max_tokens})",
+        )
+        total_steps = cfg.max_tokens // cfg.global_batch_tokens
+    else:
+        _require(cfg.trainer.max_steps >= 1, "trainer.max_steps", "must be >= 1 when max_tokens is null")
+        total_steps = cfg.trainer.max_steps
+    return RunPlan(world, cfg.global_batch_tokens // per_micro_step, total_steps, cfg.global_batch_tokens)
+
+
+def _check_values(cfg: TrainConfig, plan: RunPlan) -> None:
+    m, opt, sched = cfg.model, cfg.optimizer, cfg.scheduler
+    for key in ("n_layer", "n_head", "n_embd", "block_size"):
+        _require(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1 (got {getattr(m, key)})")
+    _require(
+        m.n_embd % m.n_head == 0,
+        "model.n_embd",
+        f"must be divisible by model.n_head (got n_embd={m.n_embd}, n_head={m.n_head})",
+    )
+    _require(m.vocab_size >= GPT2_VOCAB, "model.vocab_size", f"must be >= {GPT2_VOCAB}, the GPT-2 vocabulary")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1) (got {m.dropout})")
+    _require(
+        cfg.data.seq_len <= m.block_size,
+        "data.seq_len",
+        f"must be <= model.block_size={m.block_size} (got {cfg.data.seq_len})",
+    )
+    _require(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(opt.lr > 0, "optimizer.lr", f"must be > 0 (got {opt.lr})")
+    _require(opt.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0 (got {opt.weight_decay})")
+    for key in ("beta1", "beta2"):
+        _require(0.0 <= getattr(opt, key) < 1.0, f"optimizer.{key}", "must be in [0, 1)")
+    _require(opt.eps > 0, "optimizer.eps", "must be > 0")
+    _require(cfg.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables clipping; got {cfg.grad_clip})")
+    _require(sched.warmup_steps >= 0, "scheduler.warmup_steps", "must be >= 0")
+    _require(
+        sched.warmup_steps <= plan.total_steps,
+        "scheduler.warmup_steps",
+        f"is longer than the run: {sched.warmup_steps} > {plan.total_steps} optimizer steps",
+    )
+    _require(0.0 <= sched.min_lr_ratio <= 1.0, "scheduler.min_lr_ratio", "must be in [0, 1]")
+    _check_choice("precision.trainer_precision", cfg.precision.trainer_precision, PRECISION_FLAGS)
+    _check_choice("precision.matmul_precision", cfg.precision.matmul_precision, MATMUL_PRECISIONS)
+    _check_choice("trainer.accelerator", cfg.trainer.accelerator, ACCELERATORS)
+    _require(
+        cfg.distributed.name != "single" or plan.world_size == 1,
+        "trainer.devices",
+        f"distributed=single runs one process on one device (got {plan.world_size} devices)",
+    )
+    if isinstance(cfg.logger, WandbLoggerConfig):
+        _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
+    _require(cfg.trainer.log_every_n_steps >= 1, "trainer.log_every_n_steps", "must be >= 1")
+    _require(cfg.eval.every_n_steps >= 1, "eval.every_n_steps", "must be >= 1")
+    _require(cfg.eval.val_tokens >= 1, "eval.val_tokens", "must be >= 1")
+    _require(cfg.callbacks.checkpoint.every_n_steps >= 1, "callbacks.checkpoint.every_n_steps", "must be >= 1")
+    _require(cfg.callbacks.progress_bar_refresh_rate >= 0, "callbacks.progress_bar_refresh_rate", "must be >= 0")
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Checks that depend on this machine's files, kept apart so that checkpoints reload anywhere."""
+    if cfg.ckpt_path is not None:
+        # Resuming must never silently start from scratch (Lightning does so for ckpt_path="last").
+        _require(os.path.isfile(cfg.ckpt_path), "ckpt_path", f"no checkpoint file at {cfg.ckpt_path}")
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, key, f"unknown option {value!r}; choose one of: {', '.join(allowed)}")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _join(prefix: str, key: Any) -> str:
+    return ".".join(part for part in (prefix, str(key)) if part)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0]

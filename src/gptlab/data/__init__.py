@@ -1,0 +1,1 @@
+"""Datasets: tokenizer, shard format, preparation and loaders."""

@@ -1,0 +1,86 @@
+"""Batches of (inputs, targets) read from token shards.
+
+A training loader is a map-style dataset whose item `i` is the i-th micro-batch of this rank: the
+batch depends on `i` alone, so resuming at step s means starting at item s x grad_accum, and no
+loader state needs saving. `SequentialBatches` reads the shards in order (like build-nanogpt); a
+shuffling loader can replace it behind the same interface.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from gptlab.data.shards import read_manifest, read_shard, split_shards
+
+
+class TokenWindows:
+    """Non-overlapping windows of seq_len + 1 tokens (inputs plus the shifted target) over shards."""
+
+    def __init__(self, folder: Path, split: str, seq_len: int):
+        self.seq_len = seq_len
+        self.shards = [read_shard(p) for p in split_shards(folder, read_manifest(folder), split)]
+        counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]  # windows never span two shards
+        self.offsets = np.cumsum([0, *counts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def get(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack windows `indices` into inputs and targets, (len(indices), seq_len) int64 each."""
+        shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        rows = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
+        for row, (i, s) in enumerate(zip(indices, shard_of)):
+            start = (i - self.offsets[s]) * self.seq_len
+            rows[row] = self.shards[s][start : start + self.seq_len + 1]
+        batch = torch.from_numpy(rows)
+        return batch[:, :-1], batch[:, 1:]
+
+
+class SequentialBatches(Dataset):
+    """Item i: micro-batch i of rank `rank`, taking windows in order and wrapping at the end of an epoch."""
+
+    def __init__(self, windows: TokenWindows, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.windows, self.batch_size, self.rank, self.world_size = windows, batch_size, rank, world_size
+        self.batches_per_epoch = len(windows) // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{len(windows)} training sequences are too few for one micro-batch of "
+                f"{batch_size} on each of {world_size} devices"
+            )
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = ((i % self.batches_per_epoch) * self.world_size + self.rank) * self.batch_size
+        return self.windows.get(np.arange(first, first + self.batch_size))
+
+
+class ValidationBatches(Dataset):
+    """The first `num_windows` validation windows, split across ranks (window w goes to rank w % world)."""
+
+    def __init__(self, windows: TokenWindows, num_windows: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        mine = np.arange(rank, num_windows, world_size)
+        self.batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.windows.get(self.batches[i])
+
+
+class RangeSampler(Sampler[int]):
+    """Yields start, start + 1, ..., stop - 1: the batch indices still to train on."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)

@@ -1,0 +1,56 @@
+"""The built-in sample corpus: real English text that every Python install already has.
+
+Documents are the pydoc help topics (the language reference behind `help("FOR")`) and, for each
+standard-library module, its docstrings read from source with `ast` (nothing is imported). On
+CPython 3.11 that is about 560 documents and half a million GPT-2 tokens.
+"""
+
+import ast
+import sys
+import sysconfig
+from pathlib import Path
+
+from pydoc_data.topics import topics
+
+from gptlab.data.prepare import write_dataset
+
+SKIPPED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo", "lib2to3"}
+MIN_DOCSTRING_CHARS = 80  # one-line docstrings ("Return self.") add noise, not text
+MIN_DOCUMENT_CHARS = 200
+
+
+def prepare_sample(cfg) -> dict:
+    """Write the sample corpus as shards into cfg.dir (a SampleDataConfig)."""
+    source = {"name": "sample", "source": cfg.source, "python": sys.version.split()[0]}
+    return write_dataset(Path(cfg.dir), sample_documents(), source, cfg.val_fraction)
+
+
+def sample_documents() -> list[tuple[str, str]]:
+    """(id, text) pairs in a fixed order."""
+    docs = [(f"pydoc:{name}", text) for name, text in sorted(topics.items())]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        relative = path.relative_to(stdlib)
+        if SKIPPED_DIRS.intersection(relative.parts):
+            continue
+        text = module_docstrings(path)
+        if len(text) >= MIN_DOCUMENT_CHARS:
+            docs.append((f"module:{relative.as_posix()}", text))
+    if len(docs) <= len(topics):
+        raise RuntimeError(f"no standard-library sources under {stdlib}: cannot build the sample corpus")
+    return docs
+
+
+def module_docstrings(path: Path) -> str:
+    """The module docstring followed by its classes' and functions' longer docstrings."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return ""
+    parts = [ast.get_docstring(tree) or ""]
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node) or ""
+            if len(doc) >= MIN_DOCSTRING_CHARS:
+                parts.append(doc)
+    return "\n\n".join(p for p in parts if p)

@@ -1,0 +1,85 @@
+"""The on-disk token shard format, shared with llm.c and modded-nanogpt.
+
+A shard `<split>_<index:06d>.bin` is a header of 256 int32 (magic 20240520, version 1, token count,
+then zeros) followed by the tokens as uint16. Beside it, `<split>_<index:06d>.idx` holds the offset
+of each document's first token (its <|endoftext|>) as int64. `manifest.json` describes the folder.
+Every file is written to a temporary name and renamed, so a crash never leaves a half-written file.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MANIFEST = "manifest.json"
+
+
+class ShardError(RuntimeError):
+    pass
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+def write_shard(path: Path, tokens: np.ndarray, doc_starts: np.ndarray) -> str:
+    """Write tokens (any int array < 2**16) and their document index; return the shard's sha256."""
+    if tokens.size and int(tokens.max()) >= 2**16:
+        raise ShardError(f"{path.name}: token id {int(tokens.max())} does not fit uint16")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = (MAGIC, VERSION, len(tokens))
+    payload = header.tobytes() + tokens.astype(np.uint16).tobytes()
+    atomic_write_bytes(path, payload)
+    atomic_write_bytes(path.with_suffix(".idx"), np.asarray(doc_starts, dtype=np.int64).tobytes())
+    return hashlib.sha256(payload).hexdigest()
+
+
+def read_shard(path: Path) -> np.ndarray:
+    """Memory-map a shard's tokens (uint16) after checking its header."""
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if len(header) < HEADER_INTS or header[0] != MAGIC:
+        raise ShardError(f"{path}: not a token shard (bad magic number)")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: unsupported shard version {header[1]}")
+    n_tokens = int(header[2])
+    expected = HEADER_BYTES + 2 * n_tokens
+    if path.stat().st_size != expected:
+        raise ShardError(f"{path}: size {path.stat().st_size} bytes, header promises {expected}")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def read_doc_starts(path: Path) -> np.ndarray:
+    return np.fromfile(path.with_suffix(".idx"), dtype=np.int64)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    atomic_write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{folder}: no {MANIFEST}; prepare the dataset first")
+    return json.loads(path.read_text())
+
+
+def split_shards(folder: Path, manifest: dict, split: str) -> Iterator[Path]:
+    for entry in manifest["shards"]:
+        if entry["split"] == split:
+            yield Path(folder) / entry["file"]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

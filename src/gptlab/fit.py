@@ -1,0 +1,128 @@
+"""Build the data, model, loggers and Lightning Trainer for a validated config, and fit."""
+
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import warnings
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities import rank_zero_only
+
+from gptlab.callbacks.throughput import ThroughputMonitor
+from gptlab.config import RunPlan, TrainConfig
+from gptlab.data.datamodule import TokenDataModule
+from gptlab.loggers import build_loggers
+from gptlab.module import GPTModule
+
+# Lightning 2.6 on torch 2.13 warns on every run about an internal use of a deprecated torch API.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
+    """Train; return the summary fields (losses, steps, throughput)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # 0 is a valid seed
+    torch.set_float32_matmul_precision(cfg.precision.matmul_precision)
+    module = GPTModule(config)
+    datamodule = TokenDataModule(cfg.data, cfg.eval, plan)
+    throughput = ThroughputMonitor(plan.tokens_per_step, cfg.trainer.log_every_n_steps)
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step_{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.callbacks.checkpoint.every_n_steps,
+        save_top_k=cfg.callbacks.checkpoint.save_top_k,
+        monitor="step",
+        mode="max",  # keeping the top k by step keeps the latest k
+        save_last=True,
+    )
+    overrides, choices = _hydra_overrides()
+    loggers = build_loggers(cfg, run_dir, run_name=",".join(overrides) or run_dir.name)
+    for logger in loggers:
+        logger.log_hyperparams({**config, "overrides": overrides, "choices": choices, "plan": asdict(plan)})
+    callbacks = [throughput, checkpoints]
+    if cfg.callbacks.progress_bar_refresh_rate > 0:
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.callbacks.progress_bar_refresh_rate))
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.distributed.num_nodes,
+        strategy=cfg.distributed.strategy,
+        **_precision_args(cfg),
+        max_steps=plan.total_steps,
+        accumulate_grad_batches=plan.grad_accum,
+        val_check_interval=cfg.eval.every_n_steps * plan.grad_accum,  # counted in micro-batches
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=-1 if cfg.eval.at_start else 0,  # a full validation at step 0
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        logger=loggers,
+        callbacks=callbacks,
+        enable_progress_bar=cfg.callbacks.progress_bar_refresh_rate > 0,
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # the datamodule gives each rank its own batches
+        deterministic=cfg.trainer.deterministic,
+        default_root_dir=str(run_dir),
+    )
+    _print_header(cfg, plan, module, trainer, run_dir, choices)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    if trainer.global_step % cfg.eval.every_n_steps != 0:  # the last step was no validation step
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    train_loss = module.last_train_loss
+    return {
+        "step": trainer.global_step,
+        "tokens": trainer.global_step * plan.tokens_per_step,
+        "train_loss": None if train_loss is None else float(train_loss),
+        "val_loss": module.last_val_loss,
+        "val_loss_initial": module.initial_val_loss,
+        "hellaswag_acc_norm": None,
+        "tokens_per_s": throughput.median_rate(),
+        "params": module.model.num_params(),
+        "run_dir": str(run_dir),
+    }
+
+
+def _precision_args(cfg: TrainConfig) -> dict:
+    """Trainer precision arguments. Lightning turns fp16 on CPU into bf16 behind a warning; gptlab instead
+    runs real fp16 autocast with a CPU GradScaler there, so fp16 means fp16 on every device."""
+    flag = cfg.precision.trainer_precision
+    accelerator = cfg.trainer.accelerator
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if flag == "16-mixed" and on_cpu:
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}
+    return {"precision": flag}
+
+
+def _hydra_overrides() -> tuple[list[str], dict]:
+    if not HydraConfig.initialized():
+        return [], {}
+    hydra_cfg = HydraConfig.get()
+    return list(hydra_cfg.overrides.task), dict(hydra_cfg.runtime.choices)
+
+
+@rank_zero_only
+def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, run_dir: Path, choices) -> None:
+    d = cfg.data
+    model_name = choices.get("model", "model")
+    rows = [
+        f"model      {model_name}: {module.model.num_params() / 1e6:.2f}M parameters "
+        f"({module.model.num_params(non_embedding=True) / 1e6:.2f}M without position embeddings), "
+        f"{cfg.model.n_layer} layers, {cfg.model.n_head} heads, d={cfg.model.n_embd}, vocab {cfg.model.vocab_size}",
+        f"batch      {plan.tokens_per_step:,} tokens/step = micro-batch {d.micro_batch_size} x seq {d.seq_len} "
+        f"x {plan.world_size} device(s) x {plan.grad_accum} accumulation step(s)",
+        f"budget     {plan.total_steps:,} steps = {plan.total_tokens:,} tokens; lr {cfg.optimizer.lr:g} "
+        f"({choices.get('optimizer', cfg.optimizer.name)}, {choices.get('scheduler', cfg.scheduler.name)}, "
+        f"warmup {cfg.scheduler.warmup_steps})",
+        f"hardware   {trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x "
+        f"{plan.world_size}, precision {cfg.precision.name} ({cfg.precision.trainer_precision}), "
+        f"torch {torch.__version__}, python {platform.python_version()}",
+        f"data       {d.name} ({d.dir}); validation {cfg.eval.val_tokens:,} tokens every {cfg.eval.every_n_steps} steps",
+        f"run folder {run_dir}",
+    ]
+    print("\n".join(["gptlab", *(f"  {r}" for r in rows)]), flush=True)
+
+

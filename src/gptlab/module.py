@@ -1,0 +1,87 @@
+"""The LightningModule: next-token prediction with the GPT of model.py, AdamW and a per-step LR schedule."""
+
+import lightning as L
+import torch
+
+from gptlab.config import load_config
+from gptlab.model import GPT
+from gptlab.optim import build_optimizer, build_scheduler
+
+
+class GPTModule(L.LightningModule):
+    """`config` is the resolved training config as a plain dict (so checkpoints reload without pickles)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.save_hyperparameters(logger=False)  # train.py logs the config itself, with the overrides
+        self.cfg, self.plan = load_config(config)
+        self.model = GPT(self.cfg.model)
+        self._train_loss_sum = torch.zeros(())  # over the micro-steps of the current optimizer step
+        self._val_sums = torch.zeros(2)  # summed token loss, token count
+        self.last_train_loss: torch.Tensor | None = None
+        self.last_val_loss: float | None = None
+        self.initial_val_loss: float | None = None
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self.model(idx, targets)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        _, loss = self.model(x, y)
+        self._train_loss_sum += loss.detach()
+        if (batch_idx + 1) % self.plan.grad_accum == 0:  # last micro-step: log the mean over micro-steps
+            mean = self._train_loss_sum / self.plan.grad_accum
+            self.log("train/loss", mean, prog_bar=True, sync_dist=True)  # sync_dist: mean over ranks
+            self.last_train_loss = mean
+            self._train_loss_sum = torch.zeros((), device=self.device)
+        return loss  # Lightning divides by grad_accum before backward
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.plan.grad_accum == 0:
+            # "step" sets the loggers' x-axis: optimizer steps completed (Lightning's default is one less).
+            self.log("step", float(self.global_step))
+            self.log("tokens", float(self.global_step * self.plan.tokens_per_step))
+
+    def on_train_epoch_start(self) -> None:
+        self._train_loss_sum = torch.zeros((), device=self.device)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(2, device=self.device)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        _, loss = self.model(x, y)
+        self._val_sums[0] += loss.detach() * y.numel()
+        self._val_sums[1] += y.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        # Token-weighted mean over every rank's share of the fixed validation windows.
+        loss_sum, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        val_loss = loss_sum / count
+        self.last_val_loss = float(val_loss)
+        if self.trainer.sanity_checking:  # the run's starting point; Lightning drops sanity-check logs
+            self.initial_val_loss = self.last_val_loss
+            for logger in self.loggers:
+                logger.log_metrics({"val/loss": self.last_val_loss}, step=self.global_step)
+        else:
+            self.log("val/loss", val_loss, prog_bar=True)
+            self.log("step", float(self.global_step))
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.cfg.optimizer)
+        scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.plan.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.log("lr", optimizer.param_groups[0]["lr"])
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # fp16: the dynamic loss scale, halved on each overflowing (skipped) step
+            self.log("loss_scale", scaler.get_scale())
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Global-norm clipping; logs the norm before clipping. Runs after fp16 gradients are unscaled."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
+        self.log("grad_norm", norm)

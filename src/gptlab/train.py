@@ -1,0 +1,66 @@
+"""The training task: validate the config, fit, and write summary.json whatever happens.
+
+Only the config checks run before torch's heavy machinery and Lightning load, so a mistake in a key is
+reported in about a second.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from gptlab.config import ConfigError, check_paths, load_config
+from gptlab.data.shards import atomic_write_bytes
+
+SUMMARY_FILE = "summary.json"
+SUMMARY_KEYS = (
+    "status", "step", "tokens", "train_loss", "val_loss", "val_loss_initial", "hellaswag_acc_norm",
+    "tokens_per_s", "wall_s", "seed", "params", "run_dir", "error",
+)  # fmt: skip
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train one job into cfg.paths.output_dir; summary.json is written whatever happens."""
+    started = time.time()
+    run_dir = Path(cfg.paths.output_dir)
+    summary = {key: None for key in SUMMARY_KEYS} | {"status": "failed", "seed": cfg.get("seed")}
+    try:
+        train_cfg, plan = load_config(cfg)
+        check_paths(train_cfg)
+        from gptlab.fit import fit  # Lightning takes seconds to import: only once the config is known good
+
+        summary.update(fit(train_cfg, plan, OmegaConf.to_container(cfg, resolve=True), run_dir))
+        summary["status"] = "completed"
+        return summary
+    except ConfigError as e:
+        summary.update(status="config_error", error=str(e))
+        raise
+    except KeyboardInterrupt:
+        summary["status"] = "interrupted"
+        raise
+    except Exception as e:
+        summary["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        summary["wall_s"] = round(time.time() - started, 2)
+        _write_summary(run_dir, summary)
+        _finish_wandb(exit_code=0 if summary["status"] == "completed" else 1)
+
+
+def _finish_wandb(exit_code: int) -> None:
+    """End this job's wandb run, so that the next job in the same process starts its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
+
+
+def _write_summary(run_dir: Path, summary: dict) -> None:
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) != 0:
+        return  # only rank 0 writes the summary
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+    atomic_write_bytes(run_dir / SUMMARY_FILE, (json.dumps(clean, indent=2) + "\n").encode())

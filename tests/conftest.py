@@ -1,0 +1,46 @@
+"""Shared fixtures: composing configs with Hydra's compose API, and a sample dataset prepared once."""
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+import gptlab  # noqa: F401  (registers config resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED = ROOT.parent / "shared"
+
+os.environ["WANDB_MODE"] = "offline"  # never reach for the network, whatever a config says
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose_train(overrides: list[str] = (), output_dir: Path | None = None, data_dir: Path | None = None) -> DictConfig:
+    """The config `python scripts/train.py <overrides>` would get, without Hydra's own node."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir or "/nonexistent/run")
+        if data_dir is not None:
+            cfg.paths.data_dir = str(data_dir)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A data folder holding the prepared sample corpus (prepared once per test session)."""
+    from gptlab.config import SampleDataConfig
+    from gptlab.data.sample import prepare_sample
+
+    folder = tmp_path_factory.mktemp("data")
+    prepare_sample(SampleDataConfig(dir=str(folder / "sample")))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sample_docs() -> list[tuple[str, str]]:
+    from gptlab.data.sample import sample_documents
+
+    return sample_documents()

@@ -1,0 +1,89 @@
+"""Training end to end: a single batch can be overfit, every precision trains, and the real entry point
+produces a complete run folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from gptlab.config import AdamWConfig
+from gptlab.model import GPT, GPTConfig
+from gptlab.optim import build_optimizer
+from gptlab.train import run
+from tests.conftest import ROOT, compose_train
+
+
+def test_overfits_a_single_batch():
+    """Debugging by overfitting: a model that cannot memorise one batch has a bug."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=64))
+    opt = build_optimizer(model, AdamWConfig(lr=3e-3, weight_decay=0.0))
+    x = torch.randint(0, 64, (4, 32))
+    y = torch.randint(0, 64, (4, 32))
+    for step in range(300):
+        _, loss = model(x, y)
+        if loss.item() < 0.1:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1, f"loss {loss.item():.3f} after {step} steps"
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fp16_trains_with_loss_scaling_and_bf16_trains(tmp_path, data_dir):
+    for precision in ("fp16", "bf16"):
+        run_dir = tmp_path / precision
+        summary = run(compose_train(["debug=smoke", "logger=none", f"precision={precision}"], run_dir, data_dir))
+        assert summary["status"] == "completed" and summary["step"] == 2
+        assert summary["val_loss"] < summary["val_loss_initial"]
+        scales = [m["loss_scale"] for m in read_metrics(run_dir) if "loss_scale" in m]
+        assert (len(scales) == 2) if precision == "fp16" else not scales
+
+
+def test_logged_metrics_follow_optimizer_steps(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    summary = run(compose_train(["debug=smoke", "logger=csv", "max_tokens=2048"], run_dir, data_dir))
+    metrics = read_metrics(run_dir)
+    train = [m for m in metrics if "train/loss" in m]
+    assert [m["step"] for m in train] == [1, 2, 3, 4]
+    assert [m["tokens"] for m in train] == [512, 1024, 1536, 2048]
+    assert all(m["grad_norm"] > 0 and m["lr"] > 0 for m in train)
+    assert [m["step"] for m in metrics if "val/loss" in m] == [0, 2, 4]
+    assert summary["train_loss"] == train[-1]["train/loss"] and summary["tokens"] == 2048
+    assert (run_dir / "metrics.csv").is_file()  # logger=csv adds Lightning's CSV log
+
+
+def test_train_script_end_to_end(tmp_path, data_dir):
+    """`python scripts/train.py` on a tiny budget writes the whole run folder."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        "debug=smoke",
+        f"hydra.run.dir={run_dir}",
+        f"paths.data_dir={data_dir}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tokens/step" in proc.stdout and str(run_dir) in proc.stdout  # the header
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("status", "step", "tokens", "train_loss", "val_loss", "hellaswag_acc_norm", "tokens_per_s", "wall_s", "seed"):
+        assert key in summary
+    assert summary["status"] == "completed" and summary["seed"] == 1337 and summary["step"] == 2
+    assert summary["val_loss"] < summary["val_loss_initial"]
+
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 and "optimizer_states" in ckpt
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / ".hydra" / "overrides.yaml").is_file()
+    assert any("val/loss" in m for m in read_metrics(run_dir))
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("run-*.wandb"))
