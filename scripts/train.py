@@ -6,7 +6,7 @@ from pathlib import Path
 
 import hydra
 
-from gptlab.config import ConfigError
+from gptlab.errors import UserInputError
 from gptlab.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,8 +17,8 @@ os.environ.setdefault("GPTLAB_ROOT", str(ROOT))
 def main(cfg) -> None:
     try:
         run(cfg)
-    except ConfigError as e:  # a user mistake: one line, no traceback
-        print(f"Config error: {e}", file=sys.stderr)
+    except UserInputError as e:  # a mistake in the config or the data: one line, no traceback
+        print(f"{e.label}: {e}", file=sys.stderr)
         sys.exit(2)
 
 

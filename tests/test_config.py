@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,9 +98,17 @@ def test_unknown_group_option_name_is_rejected():
         load_config(cfg)
 
 
-def test_bad_configs_exit_early_from_the_entry_point(tmp_path):
+def test_bad_input_exits_early_from_the_entry_point(tmp_path, data_dir):
     """The real script: non-zero exit, one message naming the key, no traceback, no checkpoint."""
-    cases = {**BAD_CONFIGS, "unknown_group_option": (["model=gpt2_huge"], "model/gpt2_huge")}
+    damaged = tmp_path / "damaged_data"
+    shutil.copytree(data_dir, damaged)
+    shard = damaged / "sample" / "train_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    cases = {
+        **BAD_CONFIGS,
+        "unknown_group_option": (["model=gpt2_huge"], "model/gpt2_huge"),
+        "damaged_shard": ([f"paths.data_dir={damaged}"], "Data error: "),
+    }
     env = {**os.environ, "WANDB_MODE": "offline"}
     procs = {}
     for case, (overrides, _) in cases.items():
@@ -112,7 +121,11 @@ def test_bad_configs_exit_early_from_the_entry_point(tmp_path):
         assert key in stderr, (case, stderr)
         assert "Traceback" not in stderr, (case, stderr)
         run_dir = tmp_path / case
-        assert not list(run_dir.rglob("*.ckpt")) and not (run_dir / "wandb").exists(), case
-        if case != "unknown_group_option":  # Hydra rejects that one before the task runs
+        assert not list(run_dir.rglob("*.ckpt")), case
+        if case in BAD_CONFIGS:
             assert proc.returncode == 2 and f"Config error: {key}:" in stderr, (case, stderr)
             assert json.loads((run_dir / "summary.json").read_text())["status"] == "config_error"
+            assert not (run_dir / "wandb").exists()  # stopped before any logger or model was built
+        elif case == "damaged_shard":
+            assert proc.returncode == 2 and "header promises" in stderr, stderr
+            assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"

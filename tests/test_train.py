@@ -87,3 +87,22 @@ def test_train_script_end_to_end(tmp_path, data_dir):
     assert any("val/loss" in m for m in read_metrics(run_dir))
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1 and list(offline_runs[0].glob("run-*.wandb"))
+
+
+def test_resume_continues_exactly(tmp_path, data_dir):
+    """Resuming from step 2 of a 4-step run gives the same losses and weights as never stopping."""
+    overrides = ["debug=smoke", "logger=none", "max_tokens=2048", "eval.at_start=false"]
+    straight = tmp_path / "straight"
+    run(compose_train(overrides, straight, data_dir))
+    resumed = tmp_path / "resumed"
+    middle = straight / "checkpoints" / "step_000002.ckpt"
+    summary = run(compose_train([*overrides, f"ckpt_path={middle}"], resumed, data_dir))
+    assert summary["step"] == 4
+
+    def losses(run_dir):
+        return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
+
+    assert losses(resumed) == {s: v for s, v in losses(straight).items() if s > 2}
+    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -13,13 +13,16 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from gptlab.errors import UserInputError
 from gptlab.model import GPTConfig
 
 GPT2_VOCAB = 50257  # ids the GPT-2 tokenizer can produce; the model's vocab_size must cover them
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError, ValueError):
     """A user mistake in the config: `key` is the dotted path of the offending value."""
+
+    label = "Config error"
 
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")

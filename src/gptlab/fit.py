@@ -30,44 +30,13 @@ def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
     module = GPTModule(config)
     datamodule = TokenDataModule(cfg.data, cfg.eval, plan)
     throughput = ThroughputMonitor(plan.tokens_per_step, cfg.trainer.log_every_n_steps)
-    checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="step_{step:06d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=cfg.callbacks.checkpoint.every_n_steps,
-        save_top_k=cfg.callbacks.checkpoint.save_top_k,
-        monitor="step",
-        mode="max",  # keeping the top k by step keeps the latest k
-        save_last=True,
-    )
     overrides, choices = _hydra_overrides()
     loggers = build_loggers(cfg, run_dir, run_name=",".join(overrides) or run_dir.name)
     for logger in loggers:
         logger.log_hyperparams({**config, "overrides": overrides, "choices": choices, "plan": asdict(plan)})
-    callbacks = [throughput, checkpoints]
-    if cfg.callbacks.progress_bar_refresh_rate > 0:
-        callbacks.append(TQDMProgressBar(refresh_rate=cfg.callbacks.progress_bar_refresh_rate))
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.distributed.num_nodes,
-        strategy=cfg.distributed.strategy,
-        **_precision_args(cfg),
-        max_steps=plan.total_steps,
-        accumulate_grad_batches=plan.grad_accum,
-        val_check_interval=cfg.eval.every_n_steps * plan.grad_accum,  # counted in micro-batches
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=-1 if cfg.eval.at_start else 0,  # a full validation at step 0
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
-        logger=loggers,
-        callbacks=callbacks,
-        enable_progress_bar=cfg.callbacks.progress_bar_refresh_rate > 0,
-        enable_model_summary=False,
-        use_distributed_sampler=False,  # the datamodule gives each rank its own batches
-        deterministic=cfg.trainer.deterministic,
-        default_root_dir=str(run_dir),
-    )
+    trainer = _build_trainer(cfg, plan, run_dir, loggers, [throughput, _checkpoint_callback(cfg, run_dir)])
     _print_header(cfg, plan, module, trainer, run_dir, choices)
+
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     if trainer.global_step % cfg.eval.every_n_steps != 0:  # the last step was no validation step
@@ -84,6 +53,45 @@ def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
         "params": module.model.num_params(),
         "run_dir": str(run_dir),
     }
+
+
+def _build_trainer(cfg: TrainConfig, plan: RunPlan, run_dir: Path, loggers: list, callbacks: list) -> L.Trainer:
+    show_progress = cfg.callbacks.progress_bar_refresh_rate > 0
+    if show_progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.callbacks.progress_bar_refresh_rate))
+    return L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.distributed.num_nodes,
+        strategy=cfg.distributed.strategy,
+        **_precision_args(cfg),
+        max_steps=plan.total_steps,
+        accumulate_grad_batches=plan.grad_accum,
+        val_check_interval=cfg.eval.every_n_steps * plan.grad_accum,  # counted in micro-batches
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=-1 if cfg.eval.at_start else 0,  # -1: the whole validation set at step 0
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        logger=loggers,
+        callbacks=callbacks,
+        enable_progress_bar=show_progress,
+        enable_model_summary=False,  # the header says it in one line
+        use_distributed_sampler=False,  # the datamodule gives each rank its own batches
+        deterministic=cfg.trainer.deterministic,
+        default_root_dir=str(run_dir),
+    )
+
+
+def _checkpoint_callback(cfg: TrainConfig, run_dir: Path) -> ModelCheckpoint:
+    return ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step_{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.callbacks.checkpoint.every_n_steps,
+        save_top_k=cfg.callbacks.checkpoint.save_top_k,
+        monitor="step",
+        mode="max",  # keeping the top k by step keeps the latest k
+        save_last=True,
+    )
 
 
 def _precision_args(cfg: TrainConfig) -> dict:

@@ -32,15 +32,14 @@ class GPTModule(L.LightningModule):
         if (batch_idx + 1) % self.plan.grad_accum == 0:  # last micro-step: log the mean over micro-steps
             mean = self._train_loss_sum / self.plan.grad_accum
             self.log("train/loss", mean, prog_bar=True, sync_dist=True)  # sync_dist: mean over ranks
+            # "step" is the loggers' x-axis and names checkpoints: the optimizer steps completed once this
+            # micro-step's update is applied (Lightning's own step would be one less).
+            step = self.global_step + 1
+            self.log("step", float(step))
+            self.log("tokens", float(step * self.plan.tokens_per_step))
             self.last_train_loss = mean
             self._train_loss_sum = torch.zeros((), device=self.device)
         return loss  # Lightning divides by grad_accum before backward
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if (batch_idx + 1) % self.plan.grad_accum == 0:
-            # "step" sets the loggers' x-axis: optimizer steps completed (Lightning's default is one less).
-            self.log("step", float(self.global_step))
-            self.log("tokens", float(self.global_step * self.plan.tokens_per_step))
 
     def on_train_epoch_start(self) -> None:
         self._train_loss_sum = torch.zeros((), device=self.device)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab.config import ConfigError, check_paths, load_config
 from gptlab.data.shards import atomic_write_bytes
+from gptlab.errors import UserInputError
 
 SUMMARY_FILE = "summary.json"
 SUMMARY_KEYS = (
@@ -38,6 +39,9 @@ def run(cfg: DictConfig) -> dict:
         return summary
     except ConfigError as e:
         summary.update(status="config_error", error=str(e))
+        raise
+    except UserInputError as e:
+        summary["error"] = f"{e.label}: {e}"
         raise
     except KeyboardInterrupt:
         summary["status"] = "interrupted"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gptlab.errors import DataError
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
@@ -21,7 +23,7 @@ HEADER_BYTES = HEADER_INTS * 4
 MANIFEST = "manifest.json"
 
 
-class ShardError(RuntimeError):
+class ShardError(DataError):
     pass
 
 

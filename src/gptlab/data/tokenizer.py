@@ -10,6 +10,8 @@ from pathlib import Path
 
 import tiktoken
 
+from gptlab.errors import DataError
+
 RANKS_FILE = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT = 50256  # <|endoftext|>: precedes every document in the shards
@@ -17,7 +19,7 @@ EOT = 50256  # <|endoftext|>: precedes every document in the shards
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-class TokenizerFileError(RuntimeError):
+class TokenizerFileError(DataError):
     pass
 
 
