@@ -31,11 +31,11 @@ def compose_train(overrides: list[str] = (), output_dir: Path | None = None, dat
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A data folder holding the prepared sample corpus (prepared once per test session)."""
-    from gptlab.config import SampleDataConfig
+    from gptlab.config import DataConfig
     from gptlab.data.sample import prepare_sample
 
     folder = tmp_path_factory.mktemp("data")
-    prepare_sample(SampleDataConfig(dir=str(folder / "sample")))
+    prepare_sample(DataConfig(source="stdlib", dir=str(folder / "sample"), val_fraction=0.05))
     return folder
 
 

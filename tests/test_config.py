@@ -28,7 +28,8 @@ def test_the_six_ablation_groups_and_plumbing_exist():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_validates(group, option):
-    cfg, plan = load_config(compose_train([f"{group}={option}"]))
+    needs = {"local": ["data.source=/my/documents"]}  # options with a required value the user supplies
+    cfg, plan = load_config(compose_train([f"{group}={option}", *needs.get(option, [])]))
     assert plan.total_steps >= 1 and plan.grad_accum >= 1
     assert plan.tokens_per_step == cfg.global_batch_tokens
 

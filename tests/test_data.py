@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,8 +10,16 @@ import torch
 
 from gptlab.data.loader import RangeSampler, SequentialBatches, TokenWindows, ValidationBatches
 from gptlab.data.prepare import is_validation, write_split
-from gptlab.data.shards import HEADER_BYTES, ShardError, read_doc_starts, read_manifest, read_shard, write_shard
-from gptlab.data.tokenizer import EOT
+from gptlab.data.shards import (
+    HEADER_BYTES,
+    ShardError,
+    check_dataset,
+    read_doc_starts,
+    read_manifest,
+    read_shard,
+    write_shard,
+)
+from gptlab.data.tokenizer import EOT, RANKS_SHA256
 
 
 def test_shard_layout_is_llm_c(tmp_path):
@@ -125,3 +134,84 @@ def test_validation_windows_split_across_ranks(data_dir):
 def test_range_sampler_resumes_mid_run():
     assert list(RangeSampler(3, 7)) == [3, 4, 5, 6] and len(RangeSampler(3, 7)) == 4
     assert json.dumps(list(RangeSampler(5, 5))) == "[]"
+
+
+@pytest.fixture
+def prepared_copy(data_dir, tmp_path):
+    folder = tmp_path / "sample"
+    shutil.copytree(data_dir / "sample", folder)
+    return folder
+
+
+def check(folder, verify=True):
+    return check_dataset(folder, RANKS_SHA256, verify_checksums=verify)
+
+
+def test_a_sound_dataset_passes_its_check(prepared_copy):
+    assert check(prepared_copy)["shards"]
+
+
+def test_missing_dataset_is_refused(tmp_path):
+    with pytest.raises(ShardError, match="no manifest.json; prepare the dataset first"):
+        check(tmp_path / "nothing_here")
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("truncate", "header promises"),
+        ("alter", "sha256 differs"),
+        ("delete", "listed in manifest.json but missing"),
+        ("tokenizer", "tokenized with ranks sha256"),
+        ("no_val", "lists no val tokens"),
+        ("bad_json", "not valid JSON"),
+    ],
+)
+def test_damaged_dataset_is_refused(prepared_copy, damage, message):
+    shard = prepared_copy / "train_000000.bin"
+    manifest_path = prepared_copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-2])
+    elif damage == "alter":
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 1
+        shard.write_bytes(bytes(data))
+    elif damage == "delete":
+        shard.unlink()
+    elif damage == "tokenizer":
+        manifest["tokenizer"]["ranks_sha256"] = "0" * 64
+    elif damage == "no_val":
+        manifest["shards"] = [e for e in manifest["shards"] if e["split"] != "val"]
+    if damage in ("tokenizer", "no_val"):
+        manifest_path.write_text(json.dumps(manifest))
+    if damage == "bad_json":
+        manifest_path.write_text("{not json")
+    with pytest.raises(ShardError, match=message):
+        check(prepared_copy)
+
+
+def test_checksums_can_be_skipped_but_sizes_are_always_checked(prepared_copy):
+    shard = prepared_copy / "train_000000.bin"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    check(prepared_copy, verify=False)
+    shard.write_bytes(bytes(data[:-2]))
+    with pytest.raises(ShardError, match="header promises"):
+        check(prepared_copy, verify=False)
+
+
+def test_training_on_an_unprepared_dataset_names_the_prepare_command(tmp_path):
+    from gptlab.config import load_config
+    from gptlab.data.datamodule import TokenDataModule
+    from tests.conftest import compose_train
+
+    cfg, plan = load_config(compose_train(["data=fineweb_edu"], data_dir=tmp_path))
+    with pytest.raises(ShardError) as err:
+        TokenDataModule(cfg.data, cfg.eval, plan, seed=0).prepare_data()
+    command = (
+        f"python scripts/prepare_data.py data=fineweb_edu data.source=HuggingFaceFW/fineweb-edu "
+        f"data.dir={tmp_path}/fineweb_edu_sample-10BT data.hub_config=sample-10BT"
+    )
+    assert command in str(err.value)

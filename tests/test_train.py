@@ -6,9 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from gptlab.config import AdamWConfig
+from gptlab.config import AdamWConfig, ConfigError
 from gptlab.model import GPT, GPTConfig
 from gptlab.optim import build_optimizer
 from gptlab.train import run
@@ -89,9 +90,11 @@ def test_train_script_end_to_end(tmp_path, data_dir):
     assert len(offline_runs) == 1 and list(offline_runs[0].glob("run-*.wandb"))
 
 
-def test_resume_continues_exactly(tmp_path, data_dir):
-    """Resuming from step 2 of a 4-step run gives the same losses and weights as never stopping."""
-    overrides = ["debug=smoke", "logger=none", "max_tokens=2048", "eval.at_start=false"]
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_exactly(tmp_path, data_dir, num_workers):
+    """Resuming from step 2 of a 4-step run gives the same losses and weights as never stopping: the
+    shuffled loader's position is in the checkpoint."""
+    overrides = ["debug=smoke", "logger=none", "max_tokens=2048", "eval.at_start=false", f"data.num_workers={num_workers}"]
     straight = tmp_path / "straight"
     run(compose_train(overrides, straight, data_dir))
     resumed = tmp_path / "resumed"
@@ -106,3 +109,26 @@ def test_resume_continues_exactly(tmp_path, data_dir):
     a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     b = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_another_data_layout_is_refused(tmp_path, data_dir):
+    overrides = ["debug=smoke", "logger=none", "eval.at_start=false"]
+    first = tmp_path / "first"
+    run(compose_train(overrides, first, data_dir))
+    resume = f"ckpt_path={first / 'checkpoints' / 'step_000001.ckpt'}"
+    with pytest.raises(ConfigError, match="data layout differs in micro_batch_size"):
+        run(compose_train([*overrides, resume, "data.micro_batch_size=2"], tmp_path / "second", data_dir))
+
+
+def test_trains_on_prepared_fineweb_edu(tmp_path):
+    """prepare_data's shards (FineWeb-Edu schema, local parquet) feed `data=fineweb_edu` training."""
+    from gptlab.config import load_data_config
+    from gptlab.data.prepare import prepare_dataset
+    from tests.test_prepare import fineweb_edu_rows, write_parquet
+
+    source = write_parquet(tmp_path / "fineweb-edu" / "000_00000.parquet", fineweb_edu_rows(300))
+    data = [f"data.source={source}", "data.val_fraction=0.1", f"data.dir={tmp_path / 'shards'}"]
+    prepare_dataset(load_data_config(compose_train(["data=fineweb_edu", *data])))
+    run_dir = tmp_path / "run"
+    summary = run(compose_train(["debug=smoke", "logger=none", "data=fineweb_edu", *data], run_dir))
+    assert summary["status"] == "completed" and summary["val_loss"] < summary["val_loss_initial"]

@@ -55,14 +55,46 @@ class PrecisionConfig:
 
 
 @dataclass
-class SampleDataConfig:
-    name: str = "sample"
-    source: str = "stdlib"  # the raw input: this Python's own documentation
+class FilterConfig:
+    """Keep a document only if its `field` (dotted for nested, e.g. meta.redpajama_set_name) passes."""
+
+    field: str = MISSING
+    min: Optional[float] = None  # keep values >= min
+    max: Optional[float] = None  # keep values <= max
+    one_of: Optional[list[str]] = None  # keep values in this list
+
+
+@dataclass
+class PrepareConfig:
+    """How scripts/prepare_data.py turns the source into shards."""
+
+    workers: int = 2  # tokenizer processes
+    max_docs: Optional[int] = None  # stop after this many kept training documents (a sample of the source)
+    max_tokens: Optional[int] = None  # stop after this many training tokens
+    shard_tokens: int = 100_000_000  # tokens per shard (uint16: 200 MB)
+    filters: list[FilterConfig] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    name: str = "sample"  # sample | fineweb_edu | fineweb | slimpajama | local
+    source: str = MISSING  # a hub dataset id, or local files (a file, folder or glob) in the same schema
+    hub_config: Optional[str] = None  # the hub dataset's configuration, e.g. sample-10BT
+    train_split: str = "train"  # the hub split to train on
+    val_source: Optional[str] = None  # the source's own validation data: a hub split name or local files;
+    # null: hold out val_fraction of the documents, chosen by a hash of their id
+    val_fraction: float = 0.0005
+    text_field: str = "text"
+    id_field: Optional[str] = "id"  # null: a document's id is its source file and row
     dir: str = MISSING  # folder of prepared shards
-    seq_len: int = 256  # tokens per training sequence (T)
-    micro_batch_size: int = 8  # sequences per forward pass per device (B)
-    val_fraction: float = 0.05  # share of documents held out for validation
+    verify_checksums: bool = True  # hash every shard against the manifest before training
+    seq_len: int = 1024  # tokens per training sequence (T)
+    micro_batch_size: int = 16  # sequences per forward pass per device (B)
     num_workers: int = 0  # DataLoader worker processes
+    shuffle: bool = True  # a seeded permutation of documents each epoch; false: read shards in order
+    shuffle_seed: Optional[int] = None  # null: the run's seed
+    align_to_documents: bool = False  # start sequences at document starts (see gptlab/data/shuffle.py)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
 
 @dataclass
@@ -130,7 +162,7 @@ class PathsConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 1337  # any integer, 0 included
+    seed: int = 1337  # any integer >= 0, 0 included
     global_batch_tokens: int = 4096  # tokens per optimizer step, across devices and micro-steps
     max_tokens: Optional[int] = None  # training budget in tokens; null uses trainer.max_steps
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
@@ -154,7 +186,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "optimizer": {"adamw": AdamWConfig},
     "scheduler": {"cosine": CosineConfig},
     "precision": {name: PrecisionConfig for name in ("fp32", "tf32", "bf16", "fp16")},
-    "data": {"sample": SampleDataConfig},
+    "data": {name: DataConfig for name in ("sample", "fineweb_edu", "fineweb", "slimpajama", "local")},
     "distributed": {"single": SingleDeviceConfig},
     "logger": {"wandb": WandbLoggerConfig, "csv": CsvLoggerConfig, "none": NoLoggerConfig},
 }
@@ -266,8 +298,8 @@ def _check_values(cfg: TrainConfig, plan: RunPlan) -> None:
         "data.seq_len",
         f"must be <= model.block_size={m.block_size} (got {cfg.data.seq_len})",
     )
-    _require(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
-    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check_data(cfg.data)
+    _require(cfg.seed >= 0, "seed", f"must be >= 0 (got {cfg.seed})")
     _require(opt.lr > 0, "optimizer.lr", f"must be > 0 (got {opt.lr})")
     _require(opt.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0 (got {opt.weight_decay})")
     for key in ("beta1", "beta2"):
@@ -296,6 +328,38 @@ def _check_values(cfg: TrainConfig, plan: RunPlan) -> None:
     _require(cfg.eval.val_tokens >= 1, "eval.val_tokens", "must be >= 1")
     _require(cfg.callbacks.checkpoint.every_n_steps >= 1, "callbacks.checkpoint.every_n_steps", "must be >= 1")
     _require(cfg.callbacks.progress_bar_refresh_rate >= 0, "callbacks.progress_bar_refresh_rate", "must be >= 0")
+
+
+def load_data_config(cfg: DictConfig | dict) -> DataConfig:
+    """The typed `data` group alone, checked as training checks it (for scripts/prepare_data.py)."""
+    data = _typed_group("data", _resolve(cfg).get("data"))
+    _check_data(data)
+    return data
+
+
+def _check_data(d: DataConfig) -> None:
+    _require(
+        d.val_source is not None or 0.0 < d.val_fraction < 1.0,
+        "data.val_fraction",
+        f"must be in (0, 1) when data.val_source is null (got {d.val_fraction})",
+    )
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(d.shuffle_seed is None or d.shuffle_seed >= 0, "data.shuffle_seed", "must be null or >= 0")
+    _check_prepare(d.prepare)
+
+
+def _check_prepare(p: PrepareConfig) -> None:
+    _require(p.workers >= 1, "data.prepare.workers", f"must be >= 1 (got {p.workers})")
+    _require(p.shard_tokens >= 1, "data.prepare.shard_tokens", "must be >= 1")
+    for key in ("max_docs", "max_tokens"):
+        value = getattr(p, key)
+        _require(value is None or value >= 1, f"data.prepare.{key}", f"must be null or >= 1 (got {value})")
+    for i, f in enumerate(p.filters):
+        _require(
+            f.min is not None or f.max is not None or f.one_of is not None,
+            f"data.prepare.filters[{i}]",
+            f"filter on {f.field!r} needs min, max or one_of",
+        )
 
 
 def check_paths(cfg: TrainConfig) -> None:

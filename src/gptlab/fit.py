@@ -28,7 +28,7 @@ def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # 0 is a valid seed
     torch.set_float32_matmul_precision(cfg.precision.matmul_precision)
     module = GPTModule(config)
-    datamodule = TokenDataModule(cfg.data, cfg.eval, plan)
+    datamodule = TokenDataModule(cfg.data, cfg.eval, plan, cfg.seed)
     throughput = ThroughputMonitor(plan.tokens_per_step, cfg.trainer.log_every_n_steps)
     overrides, choices = _hydra_overrides()
     loggers = build_loggers(cfg, run_dir, run_name=",".join(overrides) or run_dir.name)
@@ -128,7 +128,8 @@ def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, r
         f"hardware   {trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x "
         f"{plan.world_size}, precision {cfg.precision.name} ({cfg.precision.trainer_precision}), "
         f"torch {torch.__version__}, python {platform.python_version()}",
-        f"data       {d.name} ({d.dir}); validation {cfg.eval.val_tokens:,} tokens every {cfg.eval.every_n_steps} steps",
+        f"data       {d.name} ({d.dir}), {'documents shuffled each epoch' if d.shuffle else 'read in order'}; "
+        f"validation {cfg.eval.val_tokens:,} tokens every {cfg.eval.every_n_steps} steps",
         f"run folder {run_dir}",
     ]
     print("\n".join(["gptlab", *(f"  {r}" for r in rows)]), flush=True)

@@ -1,38 +1,61 @@
-"""The LightningDataModule: prepares the dataset on first use, then serves train and validation batches."""
+"""The LightningDataModule: checks the prepared dataset, then serves train and validation batches.
 
+Training batches come from a map-style dataset whose item i is micro-batch i of this rank, so the
+loader's position is just the number of micro-batches consumed. It is saved in every checkpoint and
+resuming starts the sampler there: the run continues with exactly the batch it would have seen.
+"""
+
+import hashlib
+import json
+import shlex
 from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from gptlab.config import ConfigError, EvalConfig, RunPlan, SampleDataConfig
+from gptlab.config import ConfigError, DataConfig, EvalConfig, RunPlan
 from gptlab.data.loader import RangeSampler, SequentialBatches, TokenWindows, ValidationBatches
 from gptlab.data.sample import prepare_sample
-from gptlab.data.shards import MANIFEST, read_manifest
+from gptlab.data.shards import MANIFEST, ShardError, check_dataset, read_manifest
+from gptlab.data.shuffle import ShuffledBatches
+from gptlab.data.tokenizer import RANKS_SHA256
 
-PREPARERS = {"sample": prepare_sample}  # data.name -> function(data_cfg) that writes data.dir
+AUTO_PREPARED = {"sample": prepare_sample}  # datasets small enough to prepare on first use
 
 
 class TokenDataModule(L.LightningDataModule):
-    def __init__(self, cfg: SampleDataConfig, eval_cfg: EvalConfig, plan: RunPlan):
+    def __init__(self, cfg: DataConfig, eval_cfg: EvalConfig, plan: RunPlan, seed: int):
         super().__init__()
         self.cfg, self.eval_cfg, self.plan = cfg, eval_cfg, plan
+        self.shuffle_seed = seed if cfg.shuffle_seed is None else cfg.shuffle_seed
         self.folder = Path(cfg.dir)
+        self._resumed_state: dict | None = None
 
     def prepare_data(self) -> None:
-        """Runs once per node before setup: writes the shards if data.dir has none yet."""
+        """Once per node, before setup: prepare the sample on first use, then check the shards."""
         if not (self.folder / MANIFEST).is_file():
-            PREPARERS[self.cfg.name](self.cfg)
-        prepared_fraction = read_manifest(self.folder).get("val_fraction")
-        if prepared_fraction != self.cfg.val_fraction:
+            if self.cfg.name not in AUTO_PREPARED:
+                message = f"{self.folder} holds no prepared dataset. Prepare it first:\n  {self.prepare_command()}"
+                raise ShardError(message)
+            AUTO_PREPARED[self.cfg.name](self.cfg)
+        manifest = check_dataset(self.folder, RANKS_SHA256, self.cfg.verify_checksums)
+        prepared_fraction = manifest.get("val_fraction")
+        if self.cfg.val_source is None and prepared_fraction != self.cfg.val_fraction:
             raise ConfigError(
                 "data.val_fraction",
                 f"{self.folder} was prepared with val_fraction={prepared_fraction}; "
-                f"set data.val_fraction={prepared_fraction} or delete the folder to re-prepare",
+                f"set data.val_fraction={prepared_fraction} or prepare again into another data.dir",
             )
 
+    def prepare_command(self) -> str:
+        args = [f"data={self.cfg.name}", f"data.source={self.cfg.source}", f"data.dir={self.cfg.dir}"]
+        if self.cfg.hub_config is not None:
+            args.append(f"data.hub_config={self.cfg.hub_config}")
+        return "python scripts/prepare_data.py " + " ".join(shlex.quote(a) for a in args)
+
     def setup(self, stage: str) -> None:
-        self.train_windows = TokenWindows(self.folder, "train", self.cfg.seq_len)
+        shards = [(e["file"], e["sha256"]) for e in read_manifest(self.folder)["shards"]]
+        self.dataset_fingerprint = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
         self.val_windows = TokenWindows(self.folder, "val", self.cfg.seq_len)
         self.num_val_windows = self.eval_cfg.val_tokens // self.cfg.seq_len
         if not 1 <= self.num_val_windows <= len(self.val_windows):
@@ -44,23 +67,54 @@ class TokenDataModule(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        batches = SequentialBatches(
-            self.train_windows, self.cfg.micro_batch_size, self.trainer.global_rank, self.trainer.world_size
-        )
-        # Resume exactly: skip the micro-batches that the restored optimizer steps already consumed.
-        start = self.trainer.global_step * self.plan.grad_accum
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        B, T = self.cfg.micro_batch_size, self.cfg.seq_len
+        if self.cfg.shuffle:
+            batches = ShuffledBatches(self.folder, T, B, self.shuffle_seed, rank, world, self.cfg.align_to_documents)
+        else:
+            batches = SequentialBatches(TokenWindows(self.folder, "train", T), B, rank, world)
         stop = self.plan.total_steps * self.plan.grad_accum
-        return self._loader(batches, RangeSampler(start, stop))
+        return self._loader(batches, RangeSampler(self._start_batch(), stop))
 
     def val_dataloader(self) -> DataLoader:
-        batches = ValidationBatches(
-            self.val_windows,
-            self.num_val_windows,
-            self.cfg.micro_batch_size,
-            self.trainer.global_rank,
-            self.trainer.world_size,
-        )
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        batches = ValidationBatches(self.val_windows, self.num_val_windows, self.cfg.micro_batch_size, rank, world)
         return self._loader(batches, RangeSampler(0, len(batches)))
+
+    def state_dict(self) -> dict:
+        """The loader position, saved in every checkpoint."""
+        return {
+            "micro_batches": self.trainer.global_step * self.plan.grad_accum,
+            **self._layout(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resumed_state = state
+
+    def _layout(self) -> dict:
+        """What batch i means: a resumed run must read the same sequences in the same order."""
+        return {
+            "shuffle": self.cfg.shuffle,
+            "shuffle_seed": self.shuffle_seed,
+            "align_to_documents": self.cfg.align_to_documents,
+            "seq_len": self.cfg.seq_len,
+            "micro_batch_size": self.cfg.micro_batch_size,
+            "world_size": self.trainer.world_size,
+            "dataset": self.dataset_fingerprint,  # the shards' checksums: the folder itself may move
+        }
+
+    def _start_batch(self) -> int:
+        if self._resumed_state is None:
+            return self.trainer.global_step * self.plan.grad_accum
+        saved = {k: v for k, v in self._resumed_state.items() if k != "micro_batches"}
+        if saved != self._layout():
+            changed = sorted(k for k in saved if saved[k] != self._layout().get(k))
+            raise ConfigError(
+                "ckpt_path",
+                f"the checkpoint's data layout differs in {', '.join(changed)} (saved {saved}); "
+                "resume with the same data settings and devices to continue exactly",
+            )
+        return self._resumed_state["micro_batches"]
 
     def _loader(self, dataset, sampler) -> DataLoader:
         return DataLoader(

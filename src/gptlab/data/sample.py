@@ -6,6 +6,7 @@ CPython 3.11 that is about 560 documents and half a million GPT-2 tokens.
 """
 
 import ast
+import dataclasses
 import sys
 import sysconfig
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 from gptlab.data.prepare import write_dataset
+from gptlab.data.sources import Document, Stream
 
 SKIPPED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo", "lib2to3"}
 MIN_DOCSTRING_CHARS = 80  # one-line docstrings ("Return self.") add noise, not text
@@ -20,9 +22,12 @@ MIN_DOCUMENT_CHARS = 200
 
 
 def prepare_sample(cfg) -> dict:
-    """Write the sample corpus as shards into cfg.dir (a SampleDataConfig)."""
+    """Write the sample corpus as shards into cfg.dir (a DataConfig), tokenized in this process: it is small."""
+    docs = sample_documents()
+    stream = Stream(("train", "val"), lambda start: (Document(i, text, {}) for i, text in docs[start:]), cfg.source)
     source = {"name": "sample", "source": cfg.source, "python": sys.version.split()[0]}
-    return write_dataset(Path(cfg.dir), sample_documents(), source, cfg.val_fraction)
+    prepare = dataclasses.replace(cfg.prepare, workers=1)
+    return write_dataset(Path(cfg.dir), [stream], source, prepare, cfg.val_fraction)
 
 
 def sample_documents() -> list[tuple[str, str]]:

@@ -37,10 +37,12 @@ def write_shard(path: Path, tokens: np.ndarray, doc_starts: np.ndarray) -> str:
         raise ShardError(f"{path.name}: token id {int(tokens.max())} does not fit uint16")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = (MAGIC, VERSION, len(tokens))
-    payload = header.tobytes() + tokens.astype(np.uint16).tobytes()
-    atomic_write_bytes(path, payload)
+    body = np.ascontiguousarray(tokens, dtype=np.uint16)  # no copy when the tokens are uint16 already
+    atomic_write_bytes(path, header.tobytes(), body.data)
     atomic_write_bytes(path.with_suffix(".idx"), np.asarray(doc_starts, dtype=np.int64).tobytes())
-    return hashlib.sha256(payload).hexdigest()
+    digest = hashlib.sha256(header.tobytes())
+    digest.update(body.data)
+    return digest.hexdigest()
 
 
 def read_shard(path: Path) -> np.ndarray:
@@ -69,7 +71,42 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ShardError(f"{folder}: no {MANIFEST}; prepare the dataset first")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_dataset(folder: Path, tokenizer_sha256: str, verify_checksums: bool) -> dict:
+    """Refuse a prepared folder that training would misread: wrong tokenizer, missing, truncated or
+    altered shards, or a split with no tokens. Returns the manifest."""
+    manifest = read_manifest(folder)
+    prepared_with = manifest.get("tokenizer", {}).get("ranks_sha256")
+    if prepared_with != tokenizer_sha256:
+        raise ShardError(
+            f"{folder} was tokenized with ranks sha256 {prepared_with}, but this gptlab's GPT-2 tokenizer "
+            f"is {tokenizer_sha256}: prepare the dataset again"
+        )
+    for split in ("train", "val"):
+        if not any(e["split"] == split and e["tokens"] > 0 for e in manifest["shards"]):
+            raise ShardError(f"{folder}: the manifest lists no {split} tokens")
+    for entry in manifest["shards"]:
+        path = Path(folder) / entry["file"]
+        if not path.is_file():
+            raise ShardError(f"{path}: listed in {MANIFEST} but missing")
+        if len(read_shard(path)) != entry["tokens"]:
+            raise ShardError(f"{path}: holds {len(read_shard(path))} tokens, {MANIFEST} says {entry['tokens']}")
+        if verify_checksums and file_sha256(path) != entry["sha256"]:
+            raise ShardError(f"{path}: sha256 differs from {MANIFEST}: the shard was altered or damaged")
+    return manifest
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def split_shards(folder: Path, manifest: dict, split: str) -> Iterator[Path]:
@@ -78,10 +115,12 @@ def split_shards(folder: Path, manifest: dict, split: str) -> Iterator[Path]:
             yield Path(folder) / entry["file"]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, *chunks: bytes | memoryview) -> None:
+    """Write chunks to a temporary file, then rename it over `path`: readers see all or nothing."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(data)
+        for chunk in chunks:
+            f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

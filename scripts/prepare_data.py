@@ -1,0 +1,105 @@
+"""Tokenize a dataset into token shards: `python scripts/prepare_data.py data=fineweb_edu [key=value ...]`.
+
+Reads data.source (a Hugging Face Hub dataset, streamed, or local files), tokenizes it with GPT-2 in
+data.prepare.workers processes and writes shards + manifest.json into data.dir (see conf/prepare.yaml).
+Interrupted? Run the same command again: it resumes after the last finished shard.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from gptlab.config import DataConfig, FilterConfig, load_data_config
+from gptlab.data.prepare import prepare_dataset
+from gptlab.data.sample import prepare_sample
+from gptlab.data.shards import MANIFEST, read_manifest
+from gptlab.data.sources import Stream, streams
+from gptlab.errors import UserInputError
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("GPTLAB_ROOT", str(ROOT))
+PREPARERS = {"sample": prepare_sample}  # data.name -> its own preparer; any other goes through sources
+
+
+@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    try:
+        prepare(cfg)
+    except UserInputError as e:  # a mistake in the config or the data: one line, no traceback
+        print(f"{e.label}: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("Interrupted: run the same command again to resume after the last finished shard", file=sys.stderr)
+        sys.exit(130)
+
+
+def prepare(cfg: DictConfig) -> None:
+    data = load_data_config(cfg)
+    folder = Path(data.dir)
+    if (folder / MANIFEST).is_file():
+        source = read_manifest(folder).get("source", {})
+        print(f"{folder} is already prepared (from {source.get('source')}); delete it to prepare it again")
+        return
+    print(plan(data))
+    started = time.time()
+    manifest = PREPARERS.get(data.name, prepare_dataset)(data)
+    print(summary(folder, manifest, time.time() - started))
+
+
+def plan(data: DataConfig) -> str:
+    """What the prepare will read and write; local files are listed here, so a bad path fails before any work."""
+    p = data.prepare
+    lines = [f"Preparing data={data.name} into {data.dir}"]
+    if data.name in PREPARERS:
+        lines.append(f"  train+val:  the built-in {data.name} corpus; {held_out(data)}")
+    else:
+        lines += [describe_stream(data, stream) for stream in streams(data)]
+    filters = [f"{f.field} {describe_filter(f)}" for f in p.filters]
+    limits = [f"{key}={getattr(p, key):,}" for key in ("max_docs", "max_tokens") if getattr(p, key) is not None]
+    lines.append(f"  filters:    {'; '.join(filters) or 'none'}")
+    lines.append(f"  limits:     {', '.join(limits) or 'none: the whole source'}")
+    workers = 1 if data.name in PREPARERS else p.workers  # the built-in corpus is small: tokenized in-process
+    lines.append(f"  shards:     {p.shard_tokens:,} tokens each, GPT-2 tokenizer in {workers} process(es)")
+    return "\n".join(lines)
+
+
+def describe_stream(data: DataConfig, stream: Stream) -> str:
+    if isinstance(stream.origin, str):  # a hub split
+        config = f" (config {data.hub_config})" if data.hub_config else ""
+        what = f"split {stream.origin} of {data.source}{config}, streamed from the Hugging Face Hub"
+    else:
+        where = data.val_source if stream.splits == ("val",) else data.source
+        what = f"{len(stream.origin)} local file(s) from {where}"
+    if len(stream.splits) > 1:
+        what += f"; {held_out(data)}"
+    return f"  {'+'.join(stream.splits) + ':':<12}{what}"
+
+
+def held_out(data: DataConfig) -> str:
+    return f"val: {data.val_fraction * 100:g}% of the documents, chosen by a hash of their id"
+
+
+def describe_filter(f: FilterConfig) -> str:
+    conditions = ((">=", f.min), ("<=", f.max), ("in", f.one_of))
+    return " and ".join(f"{op} {value}" for op, value in conditions if value is not None)
+
+
+def summary(folder: Path, manifest: dict, seconds: float) -> str:
+    shards = manifest["shards"]
+    total = sum(e["tokens"] for e in shards)
+    lines = [f"Prepared {folder} in {seconds:.1f} s: {len(shards)} shards, {total:,} tokens"]
+    for split, counts in manifest["documents"].items():
+        tokens = sum(e["tokens"] for e in shards if e["split"] == split)
+        dropped = ", ".join(f"{key.replace('_', ' ')} {n:,}" for key, n in counts.items() if key != "kept")
+        lines.append(f"  {split:<5} {tokens:>15,} tokens {counts['kept']:>12,} documents ({dropped})")
+        if tokens == 0:
+            lines.append(f"  warning: the {split} split is empty; training needs tokens in both splits")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

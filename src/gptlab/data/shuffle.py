@@ -1,0 +1,205 @@
+"""Training batches from a new seeded permutation of all training documents every epoch.
+
+The train shards are read as one virtual token array: shard after shard in manifest order, so a
+document that continues into the next shard is simply a longer range. Epoch e:
+
+1. Documents are permuted by `np.random.default_rng([seed, e])`, across all shards.
+2. The permuted documents are concatenated into one stream, which is cut into sequences of
+   seq_len + 1 tokens with stride seq_len (inputs plus the shifted targets), as in nanoGPT: every
+   token is an input exactly once, except the last few that do not fill a sequence; a document
+   longer than seq_len just continues into the next sequence.
+3. Sequences are dealt out as in `SequentialBatches`: micro-batch i of rank r holds sequences
+   [(i * world_size + r) * B, ... + B), so the ranks together read exactly the single-process epoch.
+
+Item i is micro-batch i % len of epoch i // len; it depends on i alone, so resuming is exact.
+
+`align_to_documents=True` moves the start of every sequence forward from its place on that grid
+(s * seq_len) to the next document start, or, inside a document longer than seq_len, to the next
+of its pieces (which start every seq_len tokens from the document start). A sequence then runs on
+for seq_len + 1 tokens into whatever follows, so there is no padding. Each start moves less than
+seq_len, so the epoch has as many sequences as without alignment, bar one kept in reserve, for
+every permutation (`len` does not depend on the epoch; short documents do not all start a
+sequence), and the moves cancel out: a token near a document boundary may be read twice or
+skipped, but tokens are read once on average. (Rules that drop the rest of a document cut by the
+end of a sequence change the epoch length with the permutation, so they cannot serve "item i is
+batch i".)
+
+Memory: the global start of every document (int64) and the permutation (int32): 12 bytes per
+document; per sequence, where it starts, as (position in the permutation, offset in that document),
+two int32: 8 bytes. Only the current epoch's tables are kept; they are built lazily in each
+process (DataLoader workers included), chunk by chunk so that building needs little more.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from gptlab.data.shards import ShardError, read_doc_starts, read_manifest, read_shard, split_shards
+
+CHUNK_DOCS = 1 << 18  # documents handled at a time when building an epoch's tables (~15 MB)
+
+
+class TrainTokens:
+    """The train shards as one virtual token array, with the start of each document in it."""
+
+    def __init__(self, paths: list[Path]):
+        shards = [read_shard(p) for p in paths]
+        self.shards = [np.asarray(s) for s in shards]  # plain views of the memory maps slice faster
+        self.bounds = np.cumsum([0] + [len(s) for s in shards])  # shard k holds tokens [bounds[k], bounds[k+1])
+        counts = [p.with_suffix(".idx").stat().st_size // 8 for p in paths]
+        self.doc_starts = np.empty(sum(counts) + 1, dtype=np.int64)  # plus the end of the last document
+        filled = 0
+        for path, base, count in zip(paths, self.bounds, counts):
+            self.doc_starts[filled : filled + count] = read_doc_starts(path) + base
+            filled += count
+        self.doc_starts[-1] = self.bounds[-1]
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_starts) - 1
+
+    def read(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The ranges [start, start + length) concatenated (lengths > 0; a range may cross shards)."""
+        ends = starts + lengths
+        first = np.searchsorted(self.bounds, starts, side="right") - 1
+        last = np.searchsorted(self.bounds, ends - 1, side="right") - 1
+        parts = last - first + 1  # how many shards each range touches, almost always 1
+        range_of = np.repeat(np.arange(len(starts)), parts)
+        shard = first[range_of] + np.arange(parts.sum()) - np.repeat(np.cumsum(parts) - parts, parts)
+        lo = np.maximum(starts[range_of], self.bounds[shard]) - self.bounds[shard]
+        hi = np.minimum(ends[range_of], self.bounds[shard + 1]) - self.bounds[shard]
+        out = np.empty(int(lengths.sum()), dtype=np.uint16)
+        at = 0
+        for k, a, b in zip(shard.tolist(), lo.tolist(), hi.tolist()):
+            out[at : at + b - a] = self.shards[k][a:b]
+            at += b - a
+        return out
+
+
+class EpochOrder:
+    """One epoch's document permutation and where each of its sequences starts."""
+
+    def __init__(self, doc_starts: np.ndarray, seq_len: int, num_starts: int, seed: int, epoch: int, align: bool):
+        n_docs = len(doc_starts) - 1
+        self.docs = np.arange(n_docs, dtype=np.int32)
+        np.random.default_rng([seed, epoch]).shuffle(self.docs)
+        self.start_doc = np.empty(num_starts, dtype=np.int32)  # position in self.docs
+        self.start_offset = np.empty(num_starts, dtype=np.int32)  # token offset in that document
+        stream_at = 0  # tokens of the permuted stream before the current chunk
+        for first in range(0, n_docs, CHUNK_DOCS):
+            docs = self.docs[first : first + CHUNK_DOCS]
+            lengths = doc_starts[docs + 1] - doc_starts[docs]
+            ends = stream_at + np.cumsum(lengths)
+            lo, hi = -(-stream_at // seq_len), min(-(-int(ends[-1]) // seq_len), num_starts)
+            nominal = np.arange(lo, hi, dtype=np.int64) * seq_len  # sequence starts inside this chunk
+            doc = np.searchsorted(ends, nominal, side="right")
+            offset = nominal - (ends[doc] - lengths[doc])
+            if align:
+                offset = -(-offset // seq_len) * seq_len  # the next piece of this document...
+                past_end = offset >= lengths[doc]  # ...or else the next document
+                doc = doc + past_end
+                offset[past_end] = 0
+            # Clipping only touches the last start, which is only ever read as a bound.
+            self.start_doc[lo:hi] = np.minimum(first + doc, n_docs - 1)
+            self.start_offset[lo:hi] = offset
+            stream_at = int(ends[-1])
+
+    @property
+    def nbytes(self) -> dict[str, int]:
+        return {"documents": self.docs.nbytes, "sequences": self.start_doc.nbytes + self.start_offset.nbytes}
+
+
+class ShuffledBatches(Dataset):
+    """Item i: micro-batch i of rank `rank`, from documents shuffled anew each epoch (see module doc)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        align_to_documents: bool = False,
+    ):
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size, self.align = rank, world_size, align_to_documents
+        self.paths = list(split_shards(folder, read_manifest(folder), "train"))
+        num_tokens = sum(len(read_shard(p)) for p in self.paths)
+        if num_tokens == 0:
+            raise ShardError(f"{folder}: no training tokens (no train shards, or only empty ones)")
+        for path in self.paths:
+            if not path.with_suffix(".idx").is_file():
+                raise ShardError(f"{path.with_suffix('.idx')}: missing; shuffling needs every shard's document index")
+        if read_doc_starts(self.paths[0])[:1].tolist() != [0]:
+            raise ShardError(f"{self.paths[0]}: the first training document does not start at token 0")
+        # Sequence s starts at or after s * seq_len; one more start bounds the last sequence's end.
+        self.num_starts = (num_tokens - 1) // seq_len + 1
+        # An aligned start may move up to seq_len forward, so aligned sequence s ends before start s + 2.
+        self.lookahead = 2 if align_to_documents else 1
+        self.num_sequences = self.num_starts - self.lookahead
+        self.batches_per_epoch = self.num_sequences // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ShardError(
+                f"{folder}: {max(self.num_sequences, 0)} training sequences of {seq_len} tokens are too few "
+                f"for one micro-batch of {batch_size} on each of {world_size} devices"
+            )
+        self._tokens: TrainTokens | None = None  # opened lazily, in the process that reads
+        self._order: tuple[int, EpochOrder] | None = None  # the current epoch only
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None, "_order": None}  # workers open their own memory maps
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, batch = divmod(i, self.batches_per_epoch)
+        first = (batch * self.world_size + self.rank) * self.batch_size
+        rows = torch.from_numpy(self.sequences(epoch, first, self.batch_size).astype(np.int64))
+        return rows[:, :-1], rows[:, 1:]
+
+    def sequences(self, epoch: int, first: int, count: int) -> np.ndarray:
+        """Sequences first .. first + count - 1 of `epoch`: (count, seq_len + 1) uint16 tokens."""
+        tokens, order = self.tokens, self.epoch_order(epoch)
+        seqs = np.arange(first, first + count)
+        head, tail = order.start_doc[seqs], order.start_doc[seqs + self.lookahead]
+        # Every document from a sequence's start document to its bound may contribute a piece.
+        per_seq = tail.astype(np.int64) - head + 1
+        seq_of = np.repeat(np.arange(count), per_seq)
+        first_piece = np.cumsum(per_seq) - per_seq
+        docs = order.docs[head[seq_of] + np.arange(per_seq.sum()) - first_piece[seq_of]]
+        starts = tokens.doc_starts[docs]
+        lengths = tokens.doc_starts[docs + 1] - starts
+        starts[first_piece] += order.start_offset[seqs]
+        lengths[first_piece] -= order.start_offset[seqs]
+        before = np.cumsum(lengths) - lengths  # tokens before each piece, counted from the first sequence
+        before -= before[first_piece][seq_of]
+        take = np.clip(self.seq_len + 1 - before, 0, lengths)
+        used = take > 0
+        return tokens.read(starts[used], take[used]).reshape(count, self.seq_len + 1)
+
+    @property
+    def tokens(self) -> TrainTokens:
+        if self._tokens is None:
+            self._tokens = TrainTokens(self.paths)
+        return self._tokens
+
+    def epoch_order(self, epoch: int) -> EpochOrder:
+        if self._order is None or self._order[0] != epoch:
+            self._order = None  # free the previous epoch's tables before building the next
+            order = EpochOrder(self.tokens.doc_starts, self.seq_len, self.num_starts, self.seed, epoch, self.align)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def index_nbytes(self, epoch: int = 0) -> dict[str, int]:
+        """Bytes held for the index: per-document arrays (and how many documents), per-sequence arrays."""
+        nbytes = self.epoch_order(epoch).nbytes
+        return {
+            "num_documents": self.tokens.num_documents,
+            "document_bytes": self.tokens.doc_starts.nbytes + nbytes["documents"],
+            "num_sequences": self.num_starts,
+            "sequence_bytes": nbytes["sequences"],
+        }
