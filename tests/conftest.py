@@ -1,6 +1,7 @@
 """Shared fixtures: composing configs with Hydra's compose API, and a sample dataset prepared once."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,17 @@ def sample_docs() -> list[tuple[str, str]]:
     from gptlab.data.sample import sample_documents
 
     return sample_documents()
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2(tmp_path_factory):
+    """tiktoken's own gpt2 encoding, offline, from a copy of the shared cache (tiktoken may rewrite its cache)."""
+    import tiktoken
+
+    cache = tmp_path_factory.mktemp("tiktoken_cache")
+    shutil.copytree(SHARED / "tiktoken_cache", cache, dirs_exist_ok=True)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    mp.setattr(tiktoken.registry, "ENCODINGS", {})  # no encoding cached from elsewhere
+    yield tiktoken.get_encoding("gpt2")
+    mp.undo()

@@ -1,7 +1,6 @@
 """Preparing datasets: sources (Hub, parquet, jsonl, jsonl.zst, txt) -> GPT-2 ids -> resumable shards."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import tiktoken
 import zstandard
 from pydoc_data.topics import topics
 
@@ -21,23 +19,11 @@ from gptlab.data.prepare import STATE, is_validation, prepare_dataset
 from gptlab.data.shards import MANIFEST, read_doc_starts, read_manifest, read_shard
 from gptlab.data.tokenizer import EOT
 from gptlab.errors import DataError
-from tests.conftest import ROOT, SHARED
+from tests.conftest import ROOT
 
 # Real English without I/O (pydoc's help topics), after a document that is not ASCII.
 TEXTS = ["naïve café — 日本語テキスト, emoji 🤖, Ελληνικά\n\n  tabs\t!", *(text for _, text in sorted(topics.items()))]
 SETS = ["RedPajamaC4", "RedPajamaWikipedia", "RedPajamaGithub", "RedPajamaArXiv"]
-
-
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    """tiktoken's own gpt2 encoding, from a copy of the shared cache (tiktoken may rewrite its cache)."""
-    cache = tmp_path_factory.mktemp("tiktoken_cache")
-    shutil.copytree(SHARED / "tiktoken_cache", cache, dirs_exist_ok=True)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
-    mp.setattr(tiktoken.registry, "ENCODINGS", {})  # no encoding cached from elsewhere
-    yield tiktoken.get_encoding("gpt2")
-    mp.undo()
 
 
 def text(i: int) -> str:
@@ -115,7 +101,7 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_fineweb_edu_parquet_folder_gives_tiktoken_ids_split_by_id(tmp_path, gpt2):
+def test_fineweb_edu_parquet_folder_gives_tiktoken_ids_split_by_id(tmp_path, tiktoken_gpt2):
     rows = fineweb_edu_rows(60)
     write_parquet(tmp_path / "src" / "data" / "000_00000.parquet", rows[:35])
     write_parquet(tmp_path / "src" / "data" / "001_00000.parquet", rows[35:])
@@ -129,8 +115,8 @@ def test_fineweb_edu_parquet_folder_gives_tiktoken_ids_split_by_id(tmp_path, gpt
     val = [row for row in rows if is_validation(row["id"], 0.25)]
     train = [row for row in rows if not is_validation(row["id"], 0.25)]
     assert val and train  # disjoint by construction; together, every row
-    assert split_docs(out, "train") == encoded(gpt2, train)
-    assert split_docs(out, "val") == encoded(gpt2, val)
+    assert split_docs(out, "train") == encoded(tiktoken_gpt2, train)
+    assert split_docs(out, "val") == encoded(tiktoken_gpt2, val)
     assert manifest["source"]["files"] == {"train+val": ["data/000_00000.parquet", "data/001_00000.parquet"]}
     assert manifest["documents"]["train"] == {
         "kept": len(train), "filtered": 0, "skipped_empty": 0, "skipped_non_utf8": 0
@@ -150,7 +136,7 @@ def test_jsonl_and_parquet_of_the_same_rows_give_the_same_shards(tmp_path):
     assert a.pop(MANIFEST) != b.pop(MANIFEST) and a == b  # only the listed source file differs
 
 
-def test_slimpajama_zst_takes_val_from_its_validation_files_and_filters_by_set(tmp_path, gpt2):
+def test_slimpajama_zst_takes_val_from_its_validation_files_and_filters_by_set(tmp_path, tiktoken_gpt2):
     train = slimpajama_rows(30) + [{"text": "a row with no meta"}]
     val = slimpajama_rows(12, first=100)
     write_jsonl(tmp_path / "train" / "chunk1" / "example_train_0.jsonl.zst", train[:20])
@@ -170,8 +156,8 @@ def test_slimpajama_zst_takes_val_from_its_validation_files_and_filters_by_set(t
     def kept(rows):
         return [row for row in rows if row.get("meta", {}).get("redpajama_set_name") in keep]
 
-    assert split_docs(tmp_path / "out", "train") == encoded(gpt2, kept(train))
-    assert split_docs(tmp_path / "out", "val") == encoded(gpt2, kept(val))
+    assert split_docs(tmp_path / "out", "train") == encoded(tiktoken_gpt2, kept(train))
+    assert split_docs(tmp_path / "out", "val") == encoded(tiktoken_gpt2, kept(val))
     counts = manifest["documents"]
     assert (counts["train"]["kept"], counts["train"]["filtered"]) == (len(kept(train)), len(train) - len(kept(train)))
     assert (counts["val"]["kept"], counts["val"]["filtered"]) == (len(kept(val)), len(val) - len(kept(val)))
@@ -181,30 +167,30 @@ def test_slimpajama_zst_takes_val_from_its_validation_files_and_filters_by_set(t
     }
 
 
-def test_int_score_filter_drops_and_counts(tmp_path, gpt2):
+def test_int_score_filter_drops_and_counts(tmp_path, tiktoken_gpt2):
     rows = fineweb_edu_rows(30)
     rows[0]["int_score"] = None  # a missing value fails the filter
     source = write_parquet(tmp_path / "rows.parquet", rows)
     manifest = prepare_dataset(config(source, tmp_path / "out", {"filters": [FilterConfig(field="int_score", min=3)]}))
     passing = [row for row in rows if row["int_score"] is not None and row["int_score"] >= 3]
     train = [row for row in passing if not is_validation(row["id"], 0.25)]
-    assert split_docs(tmp_path / "out", "train") == encoded(gpt2, train)
+    assert split_docs(tmp_path / "out", "train") == encoded(tiktoken_gpt2, train)
     assert sum(c["filtered"] for c in manifest["documents"].values()) == len(rows) - len(passing)
     assert sum(c["kept"] for c in manifest["documents"].values()) == len(passing)
 
 
-def test_max_docs_and_max_tokens_stop_the_training_split(tmp_path, gpt2):
+def test_max_docs_and_max_tokens_stop_the_training_split(tmp_path, tiktoken_gpt2):
     rows = fineweb_edu_rows(60)
     source = write_parquet(tmp_path / "rows.parquet", rows)
     train = [row for row in rows if not is_validation(row["id"], 0.25)]
 
     manifest = prepare_dataset(config(source, tmp_path / "docs", {"max_docs": 10}))
-    assert split_docs(tmp_path / "docs", "train") == encoded(gpt2, train[:10])
+    assert split_docs(tmp_path / "docs", "train") == encoded(tiktoken_gpt2, train[:10])
     assert manifest["documents"]["train"]["kept"] == 10
 
     prepare_dataset(config(source, tmp_path / "tokens", {"max_tokens": 1200}))
     docs = split_docs(tmp_path / "tokens", "train")
-    assert docs == encoded(gpt2, train[: len(docs)])
+    assert docs == encoded(tiktoken_gpt2, train[: len(docs)])
     assert sum(map(len, docs)) >= 1200 > sum(map(len, docs[:-1]))  # stops after the document that reaches it
 
 
@@ -255,7 +241,7 @@ def test_bad_input_is_a_data_error_that_says_where(tmp_path, case, message):
     assert not (tmp_path / "out" / MANIFEST).exists()
 
 
-def test_empty_and_non_utf8_documents_are_skipped_and_counted(tmp_path, gpt2):
+def test_empty_and_non_utf8_documents_are_skipped_and_counted(tmp_path, tiktoken_gpt2):
     src = tmp_path / "src"
     src.mkdir()
     good = ["The first document.", "The second one, ", "A third, from a text file."]
@@ -275,7 +261,7 @@ def test_empty_and_non_utf8_documents_are_skipped_and_counted(tmp_path, gpt2):
     totals = {key: sum(c[key] for c in manifest["documents"].values()) for key in manifest["documents"]["train"]}
     assert totals == {"kept": 3, "filtered": 0, "skipped_empty": 3, "skipped_non_utf8": 3}
     docs = split_docs(tmp_path / "out", "train") + split_docs(tmp_path / "out", "val")
-    assert sorted(docs) == sorted(encoded(gpt2, [{"text": t} for t in good]))
+    assert sorted(docs) == sorted(encoded(tiktoken_gpt2, [{"text": t} for t in good]))
 
 
 class PowerCut(Exception):
@@ -366,12 +352,12 @@ def test_resuming_with_other_settings_is_refused(tmp_path, monkeypatch):
         prepare_dataset(config(source, tmp_path / "out", {"max_docs": 5}))
 
 
-def test_hub_datasets_are_streamed_with_their_config_and_splits(tmp_path, monkeypatch, gpt2):
+def test_hub_datasets_are_streamed_with_their_config_and_splits(tmp_path, monkeypatch, tiktoken_gpt2):
     rows = fineweb_edu_rows(30)
     calls = hub_rows(monkeypatch, {"train": rows})
     manifest = prepare_dataset(config("HuggingFaceFW/fineweb-edu", tmp_path / "edu", hub_config="sample-10BT"))
     assert calls == [{"path": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "split": "train", "streaming": True}]
-    assert split_docs(tmp_path / "edu", "train") == encoded(gpt2, [r for r in rows if not is_validation(r["id"], 0.25)])
+    assert split_docs(tmp_path / "edu", "train") == encoded(tiktoken_gpt2, [r for r in rows if not is_validation(r["id"], 0.25)])
     assert manifest["source"]["splits"] == {"train+val": "train"}
 
     train, val = slimpajama_rows(20), slimpajama_rows(8, first=20)
@@ -382,8 +368,8 @@ def test_hub_datasets_are_streamed_with_their_config_and_splits(tmp_path, monkey
         ("DKYoon/SlimPajama-6B", None, "validation", True),
         ("DKYoon/SlimPajama-6B", None, "train", True),
     ]
-    assert split_docs(tmp_path / "sp", "val") == encoded(gpt2, val)
-    assert split_docs(tmp_path / "sp", "train") == encoded(gpt2, train)
+    assert split_docs(tmp_path / "sp", "val") == encoded(tiktoken_gpt2, val)
+    assert split_docs(tmp_path / "sp", "train") == encoded(tiktoken_gpt2, train)
 
 
 def test_a_dataset_missing_from_the_hub_is_a_data_error(tmp_path, monkeypatch):

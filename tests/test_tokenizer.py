@@ -1,9 +1,7 @@
 """The offline GPT-2 tokenizer gives tiktoken's own ids."""
 
-import shutil
 
 import pytest
-import tiktoken
 
 from gptlab.data import tokenizer
 from tests.conftest import SHARED
@@ -18,19 +16,8 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """tiktoken's own gpt2 encoding, from a copy of the shared cache (tiktoken may rewrite its cache)."""
-    cache = tmp_path_factory.mktemp("tiktoken_cache")
-    shutil.copytree(SHARED / "tiktoken_cache", cache, dirs_exist_ok=True)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
-    mp.setattr(tiktoken.registry, "ENCODINGS", {})  # no encoding cached from elsewhere
-    yield tiktoken.get_encoding("gpt2")
-    mp.undo()
-
-
-def test_same_ids_as_tiktoken_gpt2(reference, sample_docs):
+def test_same_ids_as_tiktoken_gpt2(tiktoken_gpt2, sample_docs):
+    reference = tiktoken_gpt2
     ours = tokenizer.gpt2_tokenizer()
     texts = TEXTS + [text for _, text in sample_docs[::10]]
     for text in texts:
