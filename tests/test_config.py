@@ -129,3 +129,13 @@ def test_bad_input_exits_early_from_the_entry_point(tmp_path, data_dir):
         elif case == "damaged_shard":
             assert proc.returncode == 2 and "header promises" in stderr, stderr
             assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+
+
+def test_data_dir_follows_gptlab_data_dir(monkeypatch):
+    """Shared cluster storage: one environment variable moves every dataset."""
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.setenv("GPTLAB_DATA_DIR", "/shared/datasets")
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name="train", overrides=["data=fineweb_edu", "paths.output_dir=/tmp/run"])
+    assert load_config(cfg)[0].data.dir == "/shared/datasets/fineweb_edu_sample-10BT"
