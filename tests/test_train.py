@@ -132,3 +132,46 @@ def test_trains_on_prepared_fineweb_edu(tmp_path):
     run_dir = tmp_path / "run"
     summary = run(compose_train(["debug=smoke", "logger=none", "data=fineweb_edu", *data], run_dir))
     assert summary["status"] == "completed" and summary["val_loss"] < summary["val_loss_initial"]
+
+
+def write_hellaswag(path, n=8):
+    """n examples in the HellaSwag validation schema."""
+    rows = [
+        {
+            "ind": i,
+            "activity_label": "Cooking",
+            "ctx_a": "A man stands in a kitchen holding a pan.",
+            "ctx_b": "he",
+            "ctx": "A man stands in a kitchen holding a pan. he",
+            "split": "val",
+            "split_type": "indomain",
+            "label": i % 4,
+            "endings": ["puts it on the stove.", "eats the table.", "flies to the moon.", f"reads page {i}."],
+            "source_id": f"activitynet~v_{i}",
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_hellaswag_is_scored_during_and_after_training(tmp_path, data_dir):
+    data = write_hellaswag(tmp_path / "hellaswag_val.jsonl")
+    run_dir = tmp_path / "run"
+    overrides = ["debug=smoke", "logger=none", f"eval.hellaswag.path={data}", "eval.hellaswag.every_n_steps=1"]
+    summary = run(compose_train(overrides, run_dir, data_dir))
+    assert summary["hellaswag_n"] == 8 and 0 <= summary["hellaswag_acc_norm"] <= 1
+    scored = [m for m in read_metrics(run_dir) if "hellaswag/acc_norm" in m]
+    assert [m["step"] for m in scored] == [1, 2]  # every step, and not twice at the last one
+    assert scored[-1]["hellaswag/acc_norm"] == summary["hellaswag_acc_norm"]
+
+
+def test_training_without_hellaswag_file_warns_or_fails_as_configured(tmp_path, data_dir):
+    from gptlab.errors import DataError
+
+    offline = ["debug=smoke", "logger=none", "eval.hellaswag.download=false"]
+    with pytest.warns(UserWarning, match="HellaSwag: no data file"):
+        summary = run(compose_train(offline, tmp_path / "warn", data_dir))
+    assert summary["status"] == "completed" and summary["hellaswag_acc_norm"] is None
+    with pytest.raises(DataError, match="eval.hellaswag.path"):
+        run(compose_train([*offline, "eval.hellaswag.if_missing=fail"], tmp_path / "fail", data_dir))

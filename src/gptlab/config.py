@@ -146,10 +146,23 @@ class CallbacksConfig:
 
 
 @dataclass
+class HellaSwagConfig:
+    enabled: bool = True
+    path: Optional[str] = None  # a local hellaswag_val.jsonl; null: the copy cached in cache_dir
+    cache_dir: str = MISSING  # where the downloaded file is kept
+    download: bool = True  # fetch the file into cache_dir once, when it is not there and the network is
+    if_missing: str = "warn"  # no file: warn (once) and train without it, or fail
+    every_n_steps: int = 0  # also score during training every N optimizer steps (0: only at the end)
+    limit: Optional[int] = None  # score the first N of the 10,042 examples; null: all
+    batch_size: int = 32  # examples (4 rows each) per forward pass
+
+
+@dataclass
 class EvalConfig:
     every_n_steps: int = 50  # validation loss every N optimizer steps and at the end
     at_start: bool = True  # also validate before the first step (the run's starting loss)
     val_tokens: int = 16384  # held-out tokens each validation reads (a fixed prefix of the val split)
+    hellaswag: HellaSwagConfig = field(default_factory=HellaSwagConfig)
 
 
 @dataclass
@@ -326,6 +339,11 @@ def _check_values(cfg: TrainConfig, plan: RunPlan) -> None:
     _require(cfg.trainer.log_every_n_steps >= 1, "trainer.log_every_n_steps", "must be >= 1")
     _require(cfg.eval.every_n_steps >= 1, "eval.every_n_steps", "must be >= 1")
     _require(cfg.eval.val_tokens >= 1, "eval.val_tokens", "must be >= 1")
+    h = cfg.eval.hellaswag
+    _check_choice("eval.hellaswag.if_missing", h.if_missing, ("warn", "fail"))
+    _require(h.every_n_steps >= 0, "eval.hellaswag.every_n_steps", "must be >= 0 (0: only at the end)")
+    _require(h.limit is None or h.limit >= 1, "eval.hellaswag.limit", "must be null or >= 1")
+    _require(h.batch_size >= 1, "eval.hellaswag.batch_size", "must be >= 1")
     _require(cfg.callbacks.checkpoint.every_n_steps >= 1, "callbacks.checkpoint.every_n_steps", "must be >= 1")
     _require(cfg.callbacks.progress_bar_refresh_rate >= 0, "callbacks.progress_bar_refresh_rate", "must be >= 0")
 

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_only
 
+from gptlab.callbacks.hellaswag import HellaSwagEval
 from gptlab.callbacks.throughput import ThroughputMonitor
 from gptlab.config import RunPlan, TrainConfig
 from gptlab.data.datamodule import TokenDataModule
@@ -30,11 +31,15 @@ def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
     module = GPTModule(config)
     datamodule = TokenDataModule(cfg.data, cfg.eval, plan, cfg.seed)
     throughput = ThroughputMonitor(plan.tokens_per_step, cfg.trainer.log_every_n_steps)
+    callbacks = [throughput, _checkpoint_callback(cfg, run_dir)]
+    hellaswag = HellaSwagEval(cfg.eval.hellaswag, cfg.precision.trainer_precision)
+    if cfg.eval.hellaswag.enabled:
+        callbacks.append(hellaswag)
     overrides, choices = _hydra_overrides()
     loggers = build_loggers(cfg, run_dir, run_name=",".join(overrides) or run_dir.name)
     for logger in loggers:
         logger.log_hyperparams({**config, "overrides": overrides, "choices": choices, "plan": asdict(plan)})
-    trainer = _build_trainer(cfg, plan, run_dir, loggers, [throughput, _checkpoint_callback(cfg, run_dir)])
+    trainer = _build_trainer(cfg, plan, run_dir, loggers, callbacks)
     _print_header(cfg, plan, module, trainer, run_dir, choices)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -42,13 +47,16 @@ def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
     if trainer.global_step % cfg.eval.every_n_steps != 0:  # the last step was no validation step
         trainer.validate(module, datamodule=datamodule, verbose=False)
     train_loss = module.last_train_loss
+    scores = hellaswag.result or {}
     return {
         "step": trainer.global_step,
         "tokens": trainer.global_step * plan.tokens_per_step,
         "train_loss": None if train_loss is None else float(train_loss),
         "val_loss": module.last_val_loss,
         "val_loss_initial": module.initial_val_loss,
-        "hellaswag_acc_norm": None,
+        "hellaswag_acc": scores.get("acc"),
+        "hellaswag_acc_norm": scores.get("acc_norm"),
+        "hellaswag_n": scores.get("n"),
         "tokens_per_s": throughput.median_rate(),
         "params": module.model.num_params(),
         "run_dir": str(run_dir),

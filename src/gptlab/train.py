@@ -19,7 +19,8 @@ from gptlab.errors import UserInputError
 
 SUMMARY_FILE = "summary.json"
 SUMMARY_KEYS = (
-    "status", "step", "tokens", "train_loss", "val_loss", "val_loss_initial", "hellaswag_acc_norm",
+    "status", "step", "tokens", "train_loss", "val_loss", "val_loss_initial",
+    "hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n",
     "tokens_per_s", "wall_s", "seed", "params", "run_dir", "error",
 )  # fmt: skip
 

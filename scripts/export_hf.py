@@ -1,0 +1,45 @@
+"""Export a gptlab checkpoint as a Hugging Face GPT-2 folder:
+`python scripts/export_hf.py checkpoint=outputs/runs/<run>/checkpoints/last.ckpt out=exports/my-gpt2`.
+
+The folder holds config.json + model.safetensors; `GPT2LMHeadModel.from_pretrained(out)` loads it, and the
+GPT-2 tokenizer (`AutoTokenizer.from_pretrained("gpt2")`) matches its ids. See conf/export_hf.yaml.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from gptlab.checkpoint import load_gpt
+from gptlab.config import ConfigError
+from gptlab.errors import UserInputError
+from gptlab.hf import export_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("GPTLAB_ROOT", str(ROOT))
+
+
+@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="export_hf")
+def main(cfg: DictConfig) -> None:
+    try:
+        export(cfg)
+    except UserInputError as e:  # a mistake in the config or the checkpoint: one line, no traceback
+        print(f"{e.label}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def export(cfg: DictConfig) -> None:
+    for key in ("checkpoint", "out"):
+        if cfg[key] is None:
+            raise ConfigError(key, "is required: python scripts/export_hf.py checkpoint=<.ckpt> out=<folder>")
+    if not isinstance(cfg.vocab_size, int) or cfg.vocab_size < 1:
+        raise ConfigError("vocab_size", f"must be a positive integer (got {cfg.vocab_size!r})")
+    model = load_gpt(cfg.checkpoint)
+    folder = export_hf(model, Path(cfg.out), vocab_size=cfg.vocab_size)
+    print(f"Exported {cfg.checkpoint} ({model.num_params():,} parameters) to {folder} as a Hugging Face GPT-2")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Autoregressive sampling from a GPT: temperature, top-k, greedy at temperature 0.
+
+Works with a torch.compile'd model: compile it with `dynamic=True` (see `compile_for_sampling`) so that
+the growing context does not trigger a recompilation for every new token.
+"""
+
+import torch
+from torch.nn import functional as F
+
+
+@torch.no_grad()
+def generate(
+    model,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Extend the token ids idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
+
+    temperature 0 picks the most likely token (greedy); top_k keeps only the k most likely tokens.
+    vocab_size limits the choice to the first vocab_size ids, e.g. 50257 to never pick a padding id.
+    generator: a torch.Generator on idx's device, for reproducible samples."""
+    block_size = getattr(model, "_orig_mod", model).config.block_size
+    for _ in range(max_new_tokens):
+        context = idx if idx.size(1) <= block_size else crop(idx, block_size)
+        logits, _ = model(context)
+        logits = logits[:, -1, :vocab_size].float()
+        idx = torch.cat((idx, next_token(logits, temperature, top_k, generator)), dim=1)
+    return idx
+
+
+def crop(idx: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The last block_size tokens (what the position embedding covers), as a fresh contiguous tensor:
+    a compiled model guards on strides and views, and would recompile for a sliced view."""
+    return idx[:, -block_size:].clone(memory_format=torch.contiguous_format)
+
+
+def next_token(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token id per row of logits (B, vocab): (B, 1)."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def compile_for_sampling(model):
+    """torch.compile with dynamic shapes: one graph serves every context length up to block_size."""
+    return torch.compile(model, dynamic=True)

@@ -1,0 +1,110 @@
+"""Hugging Face GPT-2 import/export: same logits both ways, padded vocabulary, refusals, the export script."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptlab.checkpoint import load_model
+from gptlab.errors import DataError
+from gptlab.hf import GPT2_VOCAB_SIZE, export_hf, gpt_from_hf_model, import_hf_gpt2
+from gptlab.model import GPT, GPTConfig
+from tests.conftest import ROOT
+from tests.test_sample import make_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_hf_gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def tokens(n: int = 24) -> torch.Tensor:
+    return torch.randint(0, GPT2_VOCAB_SIZE, (2, n), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def hf_logits(hf_model, idx):
+    return hf_model(idx).logits
+
+
+@torch.no_grad()
+def gptlab_logits(model, idx):
+    return model(idx)[0]
+
+
+def test_import_in_memory_same_logits():
+    hf_model, idx = tiny_hf_gpt2(), tokens()
+    model = gpt_from_hf_model(hf_model)
+    assert model.config.vocab_size == GPT2_VOCAB_SIZE and model.config.block_size == 64
+    torch.testing.assert_close(gptlab_logits(model, idx), hf_logits(hf_model, idx), atol=1e-5, rtol=0)
+
+
+def test_import_padded_vocab_keeps_real_logits():
+    hf_model, idx = tiny_hf_gpt2(), tokens()
+    model = gpt_from_hf_model(hf_model, vocab_size=50304)
+    logits = gptlab_logits(model, idx)
+    assert logits.shape[-1] == 50304
+    torch.testing.assert_close(logits[..., :GPT2_VOCAB_SIZE], hf_logits(hf_model, idx), atol=1e-5, rtol=0)
+    assert torch.all(model.transformer.wte.weight[GPT2_VOCAB_SIZE:] == 0)
+    with pytest.raises(DataError, match="smaller"):
+        gpt_from_hf_model(hf_model, vocab_size=1000)
+
+
+def test_import_from_folder_and_load_model(tmp_path):
+    hf_model, idx = tiny_hf_gpt2(), tokens()
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    expected = hf_logits(hf_model, idx)
+    for model in (import_hf_gpt2(str(tmp_path)), load_model(tmp_path)):
+        torch.testing.assert_close(gptlab_logits(model, idx), expected, atol=1e-5, rtol=0)
+
+
+def test_export_reloads_in_transformers(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
+    idx = tokens()
+    export_hf(model, tmp_path)
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "model.safetensors").is_file()
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert hf_model.config.vocab_size == GPT2_VOCAB_SIZE
+    expected = gptlab_logits(model, idx)[..., :GPT2_VOCAB_SIZE]  # padded rows dropped
+    torch.testing.assert_close(hf_logits(hf_model, idx), expected, atol=1e-5, rtol=0)
+
+
+def test_refusals(tmp_path):
+    no_bias = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16, bias=False))
+    with pytest.raises(DataError, match="bias=False"):
+        export_hf(no_bias, tmp_path / "out")
+    small_vocab = GPT(GPTConfig(block_size=16, vocab_size=1000, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(DataError, match="smaller"):
+        export_hf(small_vocab, tmp_path / "out")
+    with pytest.raises(DataError, match="config.json"):
+        import_hf_gpt2(str(tmp_path))
+    transformers.LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(DataError, match="not 'gpt2'"):
+        import_hf_gpt2(str(tmp_path))
+    relu = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, activation_function="relu")
+    with pytest.raises(DataError, match="activation_function"):
+        gpt_from_hf_model(transformers.GPT2LMHeadModel(relu))
+    untied = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, tie_word_embeddings=False)
+    with pytest.raises(DataError, match="not tied"):
+        gpt_from_hf_model(transformers.GPT2LMHeadModel(untied))
+
+
+def test_export_script(tmp_path):
+    model = make_checkpoint(tmp_path / "last.ckpt")
+    out = tmp_path / "hf"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export_hf.py"), f"checkpoint={tmp_path / 'last.ckpt'}", f"out={out}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Exported" in result.stdout
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    idx = tokens(16)
+    expected = gptlab_logits(model, idx)[..., :GPT2_VOCAB_SIZE]
+    torch.testing.assert_close(hf_logits(hf_model, idx), expected, atol=1e-5, rtol=0)
+    assert not (tmp_path / "outputs").exists()  # no run folder
