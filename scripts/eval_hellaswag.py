@@ -6,7 +6,6 @@ the knobs). Prints a short table, then one line of JSON: {"acc": ..., "acc_norm"
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.checkpoint import load_model
-from gptlab.errors import DataError, UserInputError
+from gptlab.config import ConfigError
+from gptlab.errors import DataError, exit_on_user_error
 from gptlab.eval.hellaswag import evaluate, hellaswag_file, load_examples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,17 +24,14 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="eval_hellaswag")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except UserInputError as e:  # a mistake in the config or the data: one line, no traceback
-        print(f"{e.label}: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(cfg)
 
 
 def run(cfg: DictConfig) -> None:
     if cfg.checkpoint is None:
-        raise UserInputError("set checkpoint=<a .ckpt file, a Hugging Face GPT-2 folder or a hub name such as gpt2>")
+        raise ConfigError("checkpoint", "set checkpoint=<a .ckpt file, a Hugging Face GPT-2 folder or a hub name such as gpt2>")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     examples = load_examples(data_file(cfg.eval.hellaswag))
@@ -70,7 +67,7 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserInputError(f"device={name} but no GPU is available here (use device=cpu)")
+        raise ConfigError("device", f"{name} asked for, but no GPU is available here (use device=cpu)")
     return name
 
 
@@ -78,7 +75,7 @@ def resolve_precision(name: str, device: str) -> str:
     if name == "auto":
         return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
     if name not in PRECISIONS:
-        raise UserInputError(f"precision={name}: expected auto, {', '.join(PRECISIONS)}")
+        raise ConfigError("precision", f"unknown option {name!r}; choose one of: auto, {', '.join(PRECISIONS)}")
     return name
 
 

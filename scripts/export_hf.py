@@ -6,7 +6,6 @@ GPT-2 tokenizer (`AutoTokenizer.from_pretrained("gpt2")`) matches its ids. See c
 """
 
 import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -14,7 +13,7 @@ from omegaconf import DictConfig
 
 from gptlab.checkpoint import load_gpt
 from gptlab.config import ConfigError
-from gptlab.errors import UserInputError
+from gptlab.errors import exit_on_user_error
 from gptlab.hf import export_hf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,12 +21,9 @@ os.environ.setdefault("GPTLAB_ROOT", str(ROOT))
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="export_hf")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    try:
-        export(cfg)
-    except UserInputError as e:  # a mistake in the config or the checkpoint: one line, no traceback
-        print(f"{e.label}: {e}", file=sys.stderr)
-        sys.exit(2)
+    export(cfg)
 
 
 def export(cfg: DictConfig) -> None:

@@ -18,7 +18,7 @@ from gptlab.data.prepare import prepare_dataset
 from gptlab.data.sample import prepare_sample
 from gptlab.data.shards import MANIFEST, read_manifest
 from gptlab.data.sources import Stream, streams
-from gptlab.errors import UserInputError
+from gptlab.errors import exit_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GPTLAB_ROOT", str(ROOT))
@@ -26,12 +26,10 @@ PREPARERS = {"sample": prepare_sample}  # data.name -> its own preparer; any oth
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="prepare")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     try:
         prepare(cfg)
-    except UserInputError as e:  # a mistake in the config or the data: one line, no traceback
-        print(f"{e.label}: {e}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("Interrupted: run the same command again to resume after the last finished shard", file=sys.stderr)
         sys.exit(130)

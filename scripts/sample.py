@@ -5,7 +5,6 @@ see conf/sample.yaml for the sampling options.
 """
 
 import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -15,7 +14,7 @@ from omegaconf import DictConfig
 from gptlab.checkpoint import load_model
 from gptlab.config import ConfigError
 from gptlab.data.tokenizer import EOT, gpt2_tokenizer
-from gptlab.errors import UserInputError
+from gptlab.errors import exit_on_user_error
 from gptlab.sample import compile_for_sampling, generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,12 +23,9 @@ SEPARATOR = "-" * 40
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="sample")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    try:
-        sample(cfg)
-    except UserInputError as e:  # a mistake in the config or the checkpoint: one line, no traceback
-        print(f"{e.label}: {e}", file=sys.stderr)
-        sys.exit(2)
+    sample(cfg)
 
 
 def sample(cfg: DictConfig) -> None:
