@@ -51,17 +51,12 @@ class HellaSwagEval(L.Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
 
     def _score(self, pl_module) -> dict[str, float]:
-        model = pl_module.model
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            self.result = evaluate(
-                model,
-                self.examples,
-                batch_size=self.cfg.batch_size,
-                device=pl_module.device,
-                autocast_dtype=self.autocast_dtype,
-            )
-        model.train(was_training)
+        self.result = evaluate(  # in eval mode and without gradients; counts reduced over ranks
+            pl_module.model,
+            self.examples,
+            batch_size=self.cfg.batch_size,
+            device=pl_module.device,
+            autocast_dtype=self.autocast_dtype,
+        )
         self._scored_step = pl_module.global_step
         return {"hellaswag/acc": self.result["acc"], "hellaswag/acc_norm": self.result["acc_norm"]}
