@@ -15,14 +15,12 @@ from omegaconf import DictConfig
 
 from gptlab.config import DataConfig, FilterConfig, load_data_config
 from gptlab.data.prepare import prepare_dataset
-from gptlab.data.sample import prepare_sample
 from gptlab.data.shards import MANIFEST, read_manifest
 from gptlab.data.sources import Stream, streams
 from gptlab.errors import exit_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GPTLAB_ROOT", str(ROOT))
-PREPARERS = {"sample": prepare_sample}  # data.name -> its own preparer; any other goes through sources
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="prepare")
@@ -44,7 +42,7 @@ def prepare(cfg: DictConfig) -> None:
         return
     print(plan(data))
     started = time.time()
-    manifest = PREPARERS.get(data.name, prepare_dataset)(data)
+    manifest = prepare_dataset(data)
     print(summary(folder, manifest, time.time() - started))
 
 
@@ -52,21 +50,19 @@ def plan(data: DataConfig) -> str:
     """What the prepare will read and write; local files are listed here, so a bad path fails before any work."""
     p = data.prepare
     lines = [f"Preparing data={data.name} into {data.dir}"]
-    if data.name in PREPARERS:
-        lines.append(f"  train+val:  the built-in {data.name} corpus; {held_out(data)}")
-    else:
-        lines += [describe_stream(data, stream) for stream in streams(data)]
+    lines += [describe_stream(data, stream) for stream in streams(data)]
     filters = [f"{f.field} {describe_filter(f)}" for f in p.filters]
     limits = [f"{key}={getattr(p, key):,}" for key in ("max_docs", "max_tokens") if getattr(p, key) is not None]
     lines.append(f"  filters:    {'; '.join(filters) or 'none'}")
     lines.append(f"  limits:     {', '.join(limits) or 'none: the whole source'}")
-    workers = 1 if data.name in PREPARERS else p.workers  # the built-in corpus is small: tokenized in-process
-    lines.append(f"  shards:     {p.shard_tokens:,} tokens each, GPT-2 tokenizer in {workers} process(es)")
+    lines.append(f"  shards:     {p.shard_tokens:,} tokens each, GPT-2 tokenizer in {p.workers} process(es)")
     return "\n".join(lines)
 
 
 def describe_stream(data: DataConfig, stream: Stream) -> str:
-    if isinstance(stream.origin, str):  # a hub split
+    if data.name == "sample":
+        what = f"the built-in corpus: {stream.origin}"
+    elif isinstance(stream.origin, str):  # a hub split
         config = f" (config {data.hub_config})" if data.hub_config else ""
         what = f"split {stream.origin} of {data.source}{config}, streamed from the Hugging Face Hub"
     else:

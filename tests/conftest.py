@@ -1,5 +1,6 @@
 """Shared fixtures: composing configs with Hydra's compose API, and a sample dataset prepared once."""
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -32,11 +33,12 @@ def compose_train(overrides: list[str] = (), output_dir: Path | None = None, dat
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A data folder holding the prepared sample corpus (prepared once per test session)."""
-    from gptlab.config import DataConfig
-    from gptlab.data.sample import prepare_sample
+    from gptlab.config import DataConfig, PrepareConfig
+    from gptlab.data.prepare import prepare_dataset
 
     folder = tmp_path_factory.mktemp("data")
-    prepare_sample(DataConfig(source="stdlib", dir=str(folder / "sample"), val_fraction=0.05))
+    sample = DataConfig(name="sample", source="stdlib", dir=str(folder / "sample"), val_fraction=0.05)
+    prepare_dataset(dataclasses.replace(sample, prepare=PrepareConfig(workers=1)))
     return folder
 
 

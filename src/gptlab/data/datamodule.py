@@ -15,12 +15,12 @@ from torch.utils.data import DataLoader
 
 from gptlab.config import ConfigError, DataConfig, EvalConfig, RunPlan
 from gptlab.data.loader import RangeSampler, SequentialBatches, TokenWindows, ValidationBatches
-from gptlab.data.sample import prepare_sample
+from gptlab.data.prepare import prepare_dataset
 from gptlab.data.shards import MANIFEST, ShardError, check_dataset, read_manifest
 from gptlab.data.shuffle import ShuffledBatches
 from gptlab.data.tokenizer import RANKS_SHA256
 
-AUTO_PREPARED = {"sample": prepare_sample}  # datasets small enough to prepare on first use
+AUTO_PREPARED = {"sample"}  # datasets small enough to prepare on first use
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -37,7 +37,7 @@ class TokenDataModule(L.LightningDataModule):
             if self.cfg.name not in AUTO_PREPARED:
                 message = f"{self.folder} holds no prepared dataset. Prepare it first:\n  {self.prepare_command()}"
                 raise ShardError(message)
-            AUTO_PREPARED[self.cfg.name](self.cfg)
+            prepare_dataset(self.cfg)
         manifest = check_dataset(self.folder, RANKS_SHA256, self.cfg.verify_checksums)
         prepared_fraction = manifest.get("val_fraction")
         if self.cfg.val_source is None and prepared_fraction != self.cfg.val_fraction:

@@ -94,8 +94,9 @@ def check_dataset(folder: Path, tokenizer_sha256: str, verify_checksums: bool) -
         path = Path(folder) / entry["file"]
         if not path.is_file():
             raise ShardError(f"{path}: listed in {MANIFEST} but missing")
-        if len(read_shard(path)) != entry["tokens"]:
-            raise ShardError(f"{path}: holds {len(read_shard(path))} tokens, {MANIFEST} says {entry['tokens']}")
+        n_tokens = len(read_shard(path))
+        if n_tokens != entry["tokens"]:
+            raise ShardError(f"{path}: holds {n_tokens} tokens, {MANIFEST} says {entry['tokens']}")
         if verify_checksums and file_sha256(path) != entry["sha256"]:
             raise ShardError(f"{path}: sha256 differs from {MANIFEST}: the shard was altered or damaged")
     return manifest
