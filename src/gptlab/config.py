@@ -296,7 +296,27 @@ def _plan(cfg: TrainConfig) -> RunPlan:
 
 
 def _check_values(cfg: TrainConfig, plan: RunPlan) -> None:
-    m, opt, sched = cfg.model, cfg.optimizer, cfg.scheduler
+    _check_model(cfg.model, cfg.data)
+    _check_data(cfg.data)
+    _require(cfg.seed >= 0, "seed", f"must be >= 0 (got {cfg.seed})")
+    _check_optimizer(cfg.optimizer)
+    _require(cfg.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables clipping; got {cfg.grad_clip})")
+    _check_scheduler(cfg.scheduler, plan)
+    _check_precision(cfg.precision)
+    _check_choice("trainer.accelerator", cfg.trainer.accelerator, ACCELERATORS)
+    _require(
+        cfg.distributed.name != "single" or plan.world_size == 1,
+        "trainer.devices",
+        f"distributed=single runs one process on one device (got {plan.world_size} devices)",
+    )
+    if isinstance(cfg.logger, WandbLoggerConfig):
+        _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
+    _require(cfg.trainer.log_every_n_steps >= 1, "trainer.log_every_n_steps", "must be >= 1")
+    _check_eval(cfg.eval)
+    _check_callbacks(cfg.callbacks)
+
+
+def _check_model(m: GPTConfig, data: "DataConfig") -> None:
     for key in ("n_layer", "n_head", "n_embd", "block_size"):
         _require(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1 (got {getattr(m, key)})")
     _require(
@@ -307,18 +327,21 @@ def _check_values(cfg: TrainConfig, plan: RunPlan) -> None:
     _require(m.vocab_size >= GPT2_VOCAB, "model.vocab_size", f"must be >= {GPT2_VOCAB}, the GPT-2 vocabulary")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1) (got {m.dropout})")
     _require(
-        cfg.data.seq_len <= m.block_size,
+        data.seq_len <= m.block_size,
         "data.seq_len",
-        f"must be <= model.block_size={m.block_size} (got {cfg.data.seq_len})",
+        f"must be <= model.block_size={m.block_size} (got {data.seq_len})",
     )
-    _check_data(cfg.data)
-    _require(cfg.seed >= 0, "seed", f"must be >= 0 (got {cfg.seed})")
+
+
+def _check_optimizer(opt) -> None:
     _require(opt.lr > 0, "optimizer.lr", f"must be > 0 (got {opt.lr})")
     _require(opt.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0 (got {opt.weight_decay})")
     for key in ("beta1", "beta2"):
         _require(0.0 <= getattr(opt, key) < 1.0, f"optimizer.{key}", "must be in [0, 1)")
     _require(opt.eps > 0, "optimizer.eps", "must be > 0")
-    _require(cfg.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables clipping; got {cfg.grad_clip})")
+
+
+def _check_scheduler(sched, plan: RunPlan) -> None:
     _require(sched.warmup_steps >= 0, "scheduler.warmup_steps", "must be >= 0")
     _require(
         sched.warmup_steps <= plan.total_steps,
@@ -326,26 +349,26 @@ def _check_values(cfg: TrainConfig, plan: RunPlan) -> None:
         f"is longer than the run: {sched.warmup_steps} > {plan.total_steps} optimizer steps",
     )
     _require(0.0 <= sched.min_lr_ratio <= 1.0, "scheduler.min_lr_ratio", "must be in [0, 1]")
-    _check_choice("precision.trainer_precision", cfg.precision.trainer_precision, PRECISION_FLAGS)
-    _check_choice("precision.matmul_precision", cfg.precision.matmul_precision, MATMUL_PRECISIONS)
-    _check_choice("trainer.accelerator", cfg.trainer.accelerator, ACCELERATORS)
-    _require(
-        cfg.distributed.name != "single" or plan.world_size == 1,
-        "trainer.devices",
-        f"distributed=single runs one process on one device (got {plan.world_size} devices)",
-    )
-    if isinstance(cfg.logger, WandbLoggerConfig):
-        _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
-    _require(cfg.trainer.log_every_n_steps >= 1, "trainer.log_every_n_steps", "must be >= 1")
-    _require(cfg.eval.every_n_steps >= 1, "eval.every_n_steps", "must be >= 1")
-    _require(cfg.eval.val_tokens >= 1, "eval.val_tokens", "must be >= 1")
-    h = cfg.eval.hellaswag
+
+
+def _check_precision(precision: PrecisionConfig) -> None:
+    _check_choice("precision.trainer_precision", precision.trainer_precision, PRECISION_FLAGS)
+    _check_choice("precision.matmul_precision", precision.matmul_precision, MATMUL_PRECISIONS)
+
+
+def _check_eval(ev: EvalConfig) -> None:
+    _require(ev.every_n_steps >= 1, "eval.every_n_steps", "must be >= 1")
+    _require(ev.val_tokens >= 1, "eval.val_tokens", "must be >= 1")
+    h = ev.hellaswag
     _check_choice("eval.hellaswag.if_missing", h.if_missing, ("warn", "fail"))
     _require(h.every_n_steps >= 0, "eval.hellaswag.every_n_steps", "must be >= 0 (0: only at the end)")
     _require(h.limit is None or h.limit >= 1, "eval.hellaswag.limit", "must be null or >= 1")
     _require(h.batch_size >= 1, "eval.hellaswag.batch_size", "must be >= 1")
-    _require(cfg.callbacks.checkpoint.every_n_steps >= 1, "callbacks.checkpoint.every_n_steps", "must be >= 1")
-    _require(cfg.callbacks.progress_bar_refresh_rate >= 0, "callbacks.progress_bar_refresh_rate", "must be >= 0")
+
+
+def _check_callbacks(cb: CallbacksConfig) -> None:
+    _require(cb.checkpoint.every_n_steps >= 1, "callbacks.checkpoint.every_n_steps", "must be >= 1")
+    _require(cb.progress_bar_refresh_rate >= 0, "callbacks.progress_bar_refresh_rate", "must be >= 0")
 
 
 def load_data_config(cfg: DictConfig | dict) -> DataConfig:

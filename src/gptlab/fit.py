@@ -30,16 +30,13 @@ def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
     torch.set_float32_matmul_precision(cfg.precision.matmul_precision)
     module = GPTModule(config)
     datamodule = TokenDataModule(cfg.data, cfg.eval, plan, cfg.seed)
-    throughput = ThroughputMonitor(plan.tokens_per_step, cfg.trainer.log_every_n_steps)
-    callbacks = [throughput, _checkpoint_callback(cfg, run_dir)]
-    hellaswag = HellaSwagEval(cfg.eval.hellaswag, cfg.precision.trainer_precision)
-    if cfg.eval.hellaswag.enabled:
-        callbacks.append(hellaswag)
+    callbacks = _build_callbacks(cfg, plan, run_dir)
+    throughput, hellaswag = callbacks[ThroughputMonitor], callbacks[HellaSwagEval]
     overrides, choices = _hydra_overrides()
     loggers = build_loggers(cfg, run_dir, run_name=",".join(overrides) or run_dir.name)
     for logger in loggers:
         logger.log_hyperparams({**config, "overrides": overrides, "choices": choices, "plan": asdict(plan)})
-    trainer = _build_trainer(cfg, plan, run_dir, loggers, callbacks)
+    trainer = _build_trainer(cfg, plan, run_dir, loggers, [c for c in callbacks.values() if c is not None])
     _print_header(cfg, plan, module, trainer, run_dir, choices)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -47,7 +44,7 @@ def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
     if trainer.global_step % cfg.eval.every_n_steps != 0:  # the last step was no validation step
         trainer.validate(module, datamodule=datamodule, verbose=False)
     train_loss = module.last_train_loss
-    scores = hellaswag.result or {}
+    scores = (hellaswag and hellaswag.result) or {}
     return {
         "step": trainer.global_step,
         "tokens": trainer.global_step * plan.tokens_per_step,
@@ -60,6 +57,16 @@ def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
         "tokens_per_s": throughput.median_rate(),
         "params": module.model.num_params(),
         "run_dir": str(run_dir),
+    }
+
+
+def _build_callbacks(cfg: TrainConfig, plan: RunPlan, run_dir: Path) -> dict[type, L.Callback | None]:
+    """The run's callbacks by class; None where the config switches one off."""
+    h = cfg.eval.hellaswag
+    return {
+        ThroughputMonitor: ThroughputMonitor(plan.tokens_per_step, cfg.trainer.log_every_n_steps),
+        ModelCheckpoint: _checkpoint_callback(cfg, run_dir),
+        HellaSwagEval: HellaSwagEval(h, cfg.precision.trainer_precision) if h.enabled else None,
     }
 
 
