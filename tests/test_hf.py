@@ -40,6 +40,9 @@ def test_import_in_memory_same_logits():
     hf_model, idx = tiny_hf_gpt2(), tokens()
     model = gpt_from_hf_model(hf_model)
     assert model.config.vocab_size == GPT2_VOCAB_SIZE and model.config.block_size == 64
+    c = model.config  # GPT-2's architecture, whatever a training config's defaults might be
+    assert (c.norm_position, c.norm, c.tie_embeddings, c.bias) == ("pre", "layernorm", True, True)
+    assert model.lm_head.weight is model.transformer.wte.weight
     torch.testing.assert_close(gptlab_logits(model, idx), hf_logits(hf_model, idx), atol=1e-5, rtol=0)
 
 
@@ -74,10 +77,34 @@ def test_export_reloads_in_transformers(tmp_path):
     torch.testing.assert_close(hf_logits(hf_model, idx), expected, atol=1e-5, rtol=0)
 
 
+def test_export_manual_attention_and_dropouts(tmp_path):
+    """Manual attention is the same function as sdpa: it exports; the three dropouts map to HF's pdrops."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, attention="manual",
+                       embd_dropout=0.1, attn_dropout=0.2, resid_dropout=0.3)  # fmt: skip
+    model = GPT(config).eval()
+    export_hf(model, tmp_path)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    c = hf_model.config
+    assert (c.embd_pdrop, c.attn_pdrop, c.resid_pdrop) == (0.1, 0.2, 0.3)
+    idx = tokens()
+    expected = gptlab_logits(model, idx)[..., :GPT2_VOCAB_SIZE]
+    torch.testing.assert_close(hf_logits(hf_model, idx), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"norm_position": "post"}, {"norm": "rmsnorm"}, {"tie_embeddings": False}, {"bias": False}],
+)
+def test_export_refuses_what_gpt2_cannot_express(tmp_path, setting):
+    (key, value), = setting.items()
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16, **setting))
+    with pytest.raises(DataError, match=f"model.{key}={value}"):
+        export_hf(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_refusals(tmp_path):
-    no_bias = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16, bias=False))
-    with pytest.raises(DataError, match="bias=False"):
-        export_hf(no_bias, tmp_path / "out")
     small_vocab = GPT(GPTConfig(block_size=16, vocab_size=1000, n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(DataError, match="smaller"):
         export_hf(small_vocab, tmp_path / "out")

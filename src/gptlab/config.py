@@ -14,7 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from gptlab.errors import UserInputError
-from gptlab.model import GPTConfig
+from gptlab.model import ATTENTIONS, INITS, NORM_POSITIONS, NORMS, GPTConfig
 
 GPT2_VOCAB = 50257  # ids the GPT-2 tokenizer can produce; the model's vocab_size must cover them
 
@@ -29,15 +29,101 @@ class ConfigError(UserInputError, ValueError):
         self.key = key
 
 
+# Optimizer options (gptlab/optim.py). Knobs are named as torch.optim names them; `lr` is the peak LR the
+# scheduler multiplies; `weight_decay` applies to >=2-D weights only (biases and norm weights never decay).
+
+
 @dataclass
 class AdamWConfig:
+    """AdamW (Loshchilov & Hutter 2019): decoupled decay, theta <- theta - lr * weight_decay * theta."""
+
     name: str = "adamw"
-    lr: float = 6e-4  # peak learning rate
-    weight_decay: float = 0.1  # decoupled (Loshchilov & Hutter), on >=2-D weights only
-    beta1: float = 0.9
-    beta2: float = 0.95
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     decay_embeddings: bool = True  # also decay the (tied) token and position embeddings
+    fused: Optional[bool] = None  # the fused kernel; null: on CUDA only
+
+
+@dataclass
+class AdamConfig:
+    """Adam with coupled L2: weight_decay * theta is added to the gradient, then normalised with it."""
+
+    name: str = "adam"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    decay_embeddings: bool = True
+    fused: Optional[bool] = None
+
+
+@dataclass
+class SGDConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 0.0  # coupled L2, added to the gradient
+    momentum: float = 0.9
+    dampening: float = 0.0
+    nesterov: bool = True  # needs momentum > 0 and dampening 0
+    decay_embeddings: bool = True
+
+
+@dataclass
+class RMSpropConfig:
+    name: str = "rmsprop"
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # coupled L2
+    alpha: float = 0.99  # smoothing constant of the squared-gradient average
+    eps: float = 1e-8
+    momentum: float = 0.0
+    centered: bool = False  # normalise by the gradient's variance estimate instead of its second moment
+    decay_embeddings: bool = True
+
+
+@dataclass
+class AdagradConfig:
+    name: str = "adagrad"
+    lr: float = 1e-2
+    weight_decay: float = 0.0  # coupled L2
+    lr_decay: float = 0.0  # lr / (1 + (step - 1) * lr_decay)
+    initial_accumulator_value: float = 0.0
+    eps: float = 1e-10
+    decay_embeddings: bool = True
+
+
+@dataclass
+class MuonAdamWConfig:
+    """The AdamW that steps what Muon does not: embeddings, the output head, biases and norm weights."""
+
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # decoupled, on the embeddings and an untied head only
+
+
+@dataclass
+class MuonConfig:
+    """torch.optim.Muon (Jordan et al. 2024) on the 2-D weights inside the transformer blocks."""
+
+    name: str = "muon"
+    lr: float = 0.02
+    weight_decay: float = 0.0  # decoupled
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_coefficients: list[float] = field(default_factory=lambda: [3.4445, -4.775, 2.0315])
+    eps: float = 1e-7
+    ns_steps: int = 5  # Newton-Schulz iterations
+    adjust_lr_fn: Optional[str] = None  # null/original: lr * sqrt(max(1, rows/cols)); match_rms_adamw
+    adamw: MuonAdamWConfig = field(default_factory=MuonAdamWConfig)
+
+
+OptimizerConfig = AdamWConfig | AdamConfig | SGDConfig | RMSpropConfig | AdagradConfig | MuonConfig
+
+
+# Scheduler options (gptlab/schedules.py): multipliers of each param group's LR, per optimizer step. In all but
+# inverse_sqrt, step s < warmup_steps uses (s + 1) / warmup_steps, and the schedule's own clock starts after it.
 
 
 @dataclass
@@ -45,6 +131,75 @@ class CosineConfig:
     name: str = "cosine"
     warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
     min_lr_ratio: float = 0.1  # the LR decays to min_lr = min_lr_ratio * optimizer.lr
+
+
+@dataclass
+class LinearConfig:
+    name: str = "linear"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # linear decay to min_lr_ratio * optimizer.lr at the end of the run
+
+
+@dataclass
+class WSDConfig:
+    """Warmup-stable-decay (Hu et al. 2024 MiniCPM; Hägele et al. 2024)."""
+
+    name: str = "wsd"
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2  # the last fraction of the run's steps decays; in (0, 1]
+    decay_shape: str = "linear"  # linear | 1-sqrt (Hägele et al. 2024)
+    min_lr_ratio: float = 0.0  # the decay ends at min_lr_ratio * optimizer.lr
+
+    def decay_steps(self, total_steps: int) -> int:
+        return max(1, round(self.decay_fraction * total_steps))
+
+
+@dataclass
+class InverseSqrtConfig:
+    """Vaswani et al. 2017: lr * d_model^-0.5 * min(n^-0.5, n * warmup_steps^-1.5), n = step + 1 (lr=1: the paper)."""
+
+    name: str = "inverse_sqrt"
+    warmup_steps: int = 0  # the rule's own warmup (the paper: 4000); 0: none
+    d_model: Optional[int] = None  # null: model.n_embd
+
+
+@dataclass
+class StepConfig:
+    name: str = "step"
+    warmup_steps: int = 0
+    step_size: int = 16  # StepLR: multiply the LR by gamma every step_size optimizer steps
+    gamma: float = 0.5
+
+
+@dataclass
+class ExponentialConfig:
+    name: str = "exponential"
+    warmup_steps: int = 0
+    gamma: float = 0.95  # ExponentialLR: multiply the LR by gamma every optimizer step
+
+
+@dataclass
+class CosineRestartsConfig:
+    """SGDR (Loshchilov & Hutter 2017), as torch's CosineAnnealingWarmRestarts."""
+
+    name: str = "cosine_restarts"
+    warmup_steps: int = 0
+    T_0: int = 10  # optimizer steps in the first cosine cycle
+    T_mult: int = 2  # each cycle is T_mult times longer than the one before
+    min_lr_ratio: float = 0.0  # eta_min = min_lr_ratio * optimizer.lr
+
+
+@dataclass
+class ConstantConfig:
+    name: str = "constant"
+    warmup_steps: int = 0  # optional linear warmup, then optimizer.lr throughout
+
+
+SchedulerConfig = (
+    CosineConfig | LinearConfig | WSDConfig | InverseSqrtConfig | StepConfig | ExponentialConfig
+    | CosineRestartsConfig | ConstantConfig
+)
+WSD_SHAPES = ("linear", "1-sqrt")
 
 
 @dataclass
@@ -94,6 +249,7 @@ class DataConfig:
     shuffle: bool = True  # a seeded permutation of documents each epoch; false: read shards in order
     shuffle_seed: Optional[int] = None  # null: the run's seed
     align_to_documents: bool = False  # start sequences at document starts (see gptlab/data/shuffle.py)
+    overfit_batches: int = 0  # > 0: train on the first N micro-batches only, repeated (debug=overfit)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
 
@@ -131,17 +287,58 @@ class TrainerConfig:
     max_steps: int = 1000  # optimizer steps; ignored when max_tokens is set
     log_every_n_steps: int = 10
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    detect_anomaly: bool = False  # torch.autograd anomaly detection: name the forward op of a NaN backward (slow)
+    stopping_threshold: Optional[float] = None  # stop once train/loss < this (debug=overfit); null: never
 
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 500  # periodic checkpoints; last.ckpt is also written at the end
-    save_top_k: int = -1  # how many periodic checkpoints to keep (-1: all)
+    every_n_steps: int = 500  # checkpoints/step_XXXXXX.ckpt and last.ckpt every N steps; last.ckpt also at the end
+    save_top_k: int = -1  # how many periodic checkpoints to keep, newest first (-1: all)
+
+
+@dataclass
+class ProfilerConfig:
+    """torch.profiler over a few optimizer steps: a chrome trace in <run>/profile/ and a table of the top ops."""
+
+    enabled: bool = False
+    wait: int = 1  # optimizer steps skipped first (torch.profiler.schedule's names)
+    warmup: int = 1  # steps traced, then discarded (the profiler's own start-up)
+    active: int = 2  # steps recorded into the trace
+    record_shapes: bool = True  # input shapes of each op
+    profile_memory: bool = True  # tensor memory allocated and freed by each op
+    with_stack: bool = False  # Python stack of each op (bigger trace)
+    sort_by: str = "self_cpu_time_total"  # column the printed table is sorted by
+    row_limit: int = 15  # rows of the printed table (0: no table)
+
+
+@dataclass
+class LossSpikeConfig:
+    enabled: bool = True
+    window: int = 50  # running mean and std over the train losses of the last N optimizer steps
+    k: float = 4.0  # a spike: loss > mean + k * std
+    min_steps: int = 20  # losses in the window before detection starts
+
+
+@dataclass
+class MonitorConfig:
+    """Training dynamics, logged by gptlab/callbacks/monitor.py."""
+
+    grad_norm: bool = True  # global gradient norm before clipping, every step (grad_norm)
+    lr: bool = True  # learning rate (lr; lr/<group> where parameter groups differ)
+    loss_scale: bool = True  # fp16: dynamic loss scale (loss_scale) and overflow-skipped steps (skipped_steps)
+    param_norm: bool = True  # global weight norm (param_norm), every every_n_steps
+    update_ratio: bool = True  # per-layer |delta theta| / |theta| of one step (update_ratio/*), every every_n_steps
+    every_n_steps: int = 10  # how often param_norm and update_ratio are measured
+    loss_spike: LossSpikeConfig = field(default_factory=LossSpikeConfig)
+    on_nan: str = "stop"  # non-finite loss or gradients: stop (error naming the step) | skip (drop the update)
 
 
 @dataclass
 class CallbacksConfig:
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     progress_bar_refresh_rate: int = 1  # 0 hides the progress bar
 
 
@@ -179,7 +376,7 @@ class TrainConfig:
     global_batch_tokens: int = 4096  # tokens per optimizer step, across devices and micro-steps
     max_tokens: Optional[int] = None  # training budget in tokens; null uses trainer.max_steps
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    ckpt_path: Optional[str] = None  # a checkpoint to resume this run from
+    ckpt_path: Optional[str] = None  # resume from a .ckpt file or a run folder (its checkpoints/last.ckpt)
     tags: list[str] = field(default_factory=list)
     model: GPTConfig = field(default_factory=GPTConfig)
     optimizer: Any = None
@@ -196,18 +393,38 @@ class TrainConfig:
 
 # Groups whose options have different fields: option name -> schema.
 SCHEMAS: dict[str, dict[str, type]] = {
-    "optimizer": {"adamw": AdamWConfig},
-    "scheduler": {"cosine": CosineConfig},
-    "precision": {name: PrecisionConfig for name in ("fp32", "tf32", "bf16", "fp16")},
+    "optimizer": {
+        "adamw": AdamWConfig,
+        "adam": AdamConfig,
+        "sgd": SGDConfig,
+        "rmsprop": RMSpropConfig,
+        "adagrad": AdagradConfig,
+        "muon": MuonConfig,
+    },
+    "scheduler": {
+        "cosine": CosineConfig,
+        "linear": LinearConfig,
+        "wsd": WSDConfig,
+        "inverse_sqrt": InverseSqrtConfig,
+        "step": StepConfig,
+        "exponential": ExponentialConfig,
+        "cosine_restarts": CosineRestartsConfig,
+        "constant": ConstantConfig,
+    },
+    "precision": {name: PrecisionConfig for name in ("fp32", "tf32", "bf16", "fp16", "bf16_true")},
     "data": {name: DataConfig for name in ("sample", "fineweb_edu", "fineweb", "slimpajama", "local")},
     "distributed": {"single": SingleDeviceConfig},
     "logger": {"wandb": WandbLoggerConfig, "csv": CsvLoggerConfig, "none": NoLoggerConfig},
 }
 
-PRECISION_FLAGS = ("32-true", "bf16-mixed", "16-mixed")
+PRECISION_FLAGS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 WANDB_MODES = ("offline", "online", "disabled")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PROFILER_SORT_KEYS = (  # columns torch.profiler's key_averages().table(sort_by=...) sorts by
+    "self_cpu_time_total", "cpu_time_total", "self_cuda_time_total", "cuda_time_total",
+    "self_cpu_memory_usage", "cpu_memory_usage", "self_cuda_memory_usage", "cuda_memory_usage", "count",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -311,7 +528,7 @@ def _check_values(cfg: TrainConfig, plan: RunPlan) -> None:
     )
     if isinstance(cfg.logger, WandbLoggerConfig):
         _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
-    _require(cfg.trainer.log_every_n_steps >= 1, "trainer.log_every_n_steps", "must be >= 1")
+    _check_trainer(cfg.trainer)
     _check_eval(cfg.eval)
     _check_callbacks(cfg.callbacks)
 
@@ -325,7 +542,13 @@ def _check_model(m: GPTConfig, data: "DataConfig") -> None:
         f"must be divisible by model.n_head (got n_embd={m.n_embd}, n_head={m.n_head})",
     )
     _require(m.vocab_size >= GPT2_VOCAB, "model.vocab_size", f"must be >= {GPT2_VOCAB}, the GPT-2 vocabulary")
-    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1) (got {m.dropout})")
+    _check_choice("model.norm_position", m.norm_position, NORM_POSITIONS)
+    _check_choice("model.norm", m.norm, NORMS)
+    _check_choice("model.init", m.init, INITS)
+    _check_choice("model.attention", m.attention, ATTENTIONS)
+    _require(m.init_std > 0, "model.init_std", f"must be > 0 (got {m.init_std})")
+    for key in ("embd_dropout", "attn_dropout", "resid_dropout", "label_smoothing"):
+        _require(0.0 <= getattr(m, key) < 1.0, f"model.{key}", f"must be in [0, 1) (got {getattr(m, key)})")
     _require(
         data.seq_len <= m.block_size,
         "data.seq_len",
@@ -333,22 +556,72 @@ def _check_model(m: GPTConfig, data: "DataConfig") -> None:
     )
 
 
-def _check_optimizer(opt) -> None:
-    _require(opt.lr > 0, "optimizer.lr", f"must be > 0 (got {opt.lr})")
-    _require(opt.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0 (got {opt.weight_decay})")
-    for key in ("beta1", "beta2"):
-        _require(0.0 <= getattr(opt, key) < 1.0, f"optimizer.{key}", "must be in [0, 1)")
-    _require(opt.eps > 0, "optimizer.eps", "must be > 0")
+def _check_optimizer(opt: OptimizerConfig | MuonAdamWConfig, key: str = "optimizer") -> None:
+    """The knobs every option shares where it has them, then each option's own."""
+    _require(opt.lr > 0, f"{key}.lr", f"must be > 0 (got {opt.lr})")
+    _require(opt.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0 (got {opt.weight_decay})")
+    if hasattr(opt, "betas"):
+        _require(
+            len(opt.betas) == 2 and all(0.0 <= b < 1.0 for b in opt.betas),
+            f"{key}.betas",
+            f"must be two numbers in [0, 1), e.g. [0.9, 0.95] (got {opt.betas})",
+        )
+    if hasattr(opt, "eps"):
+        _require(opt.eps > 0, f"{key}.eps", f"must be > 0 (got {opt.eps})")
+    if hasattr(opt, "momentum"):
+        _require(opt.momentum >= 0, f"{key}.momentum", f"must be >= 0 (got {opt.momentum})")
+    if isinstance(opt, SGDConfig):
+        _require(0.0 <= opt.dampening <= 1.0, f"{key}.dampening", f"must be in [0, 1] (got {opt.dampening})")
+        _require(
+            not opt.nesterov or (opt.momentum > 0 and opt.dampening == 0),
+            f"{key}.nesterov",
+            f"needs momentum > 0 and dampening 0 (got momentum={opt.momentum}, dampening={opt.dampening})",
+        )
+    elif isinstance(opt, RMSpropConfig):
+        _require(0.0 <= opt.alpha < 1.0, f"{key}.alpha", f"must be in [0, 1) (got {opt.alpha})")
+    elif isinstance(opt, AdagradConfig):
+        _require(opt.lr_decay >= 0, f"{key}.lr_decay", f"must be >= 0 (got {opt.lr_decay})")
+        _require(opt.initial_accumulator_value >= 0, f"{key}.initial_accumulator_value", "must be >= 0")
+    elif isinstance(opt, MuonConfig):
+        _require(opt.momentum < 1, f"{key}.momentum", f"must be in [0, 1) (got {opt.momentum})")
+        _require(len(opt.ns_coefficients) == 3, f"{key}.ns_coefficients", "must be three numbers [a, b, c]")
+        _require(1 <= opt.ns_steps < 100, f"{key}.ns_steps", f"must be in [1, 100) (got {opt.ns_steps})")
+        _require(
+            opt.adjust_lr_fn in (None, "original", "match_rms_adamw"),
+            f"{key}.adjust_lr_fn",
+            f"unknown option {opt.adjust_lr_fn!r}; choose one of: null, original, match_rms_adamw",
+        )
+        _check_optimizer(opt.adamw, f"{key}.adamw")
 
 
-def _check_scheduler(sched, plan: RunPlan) -> None:
-    _require(sched.warmup_steps >= 0, "scheduler.warmup_steps", "must be >= 0")
-    _require(
-        sched.warmup_steps <= plan.total_steps,
-        "scheduler.warmup_steps",
-        f"is longer than the run: {sched.warmup_steps} > {plan.total_steps} optimizer steps",
-    )
-    _require(0.0 <= sched.min_lr_ratio <= 1.0, "scheduler.min_lr_ratio", "must be in [0, 1]")
+def _check_scheduler(sched: SchedulerConfig, plan: RunPlan) -> None:
+    total, warmup = plan.total_steps, sched.warmup_steps
+    _require(warmup >= 0, "scheduler.warmup_steps", f"must be >= 0 (got {warmup})")
+    _require(warmup <= total, "scheduler.warmup_steps", f"is longer than the run: {warmup} > {total} optimizer steps")
+    if hasattr(sched, "min_lr_ratio"):
+        ratio = sched.min_lr_ratio
+        _require(0.0 <= ratio <= 1.0, "scheduler.min_lr_ratio", f"must be in [0, 1] (got {ratio})")
+    if hasattr(sched, "gamma"):
+        _require(0.0 < sched.gamma <= 1.0, "scheduler.gamma", f"must be in (0, 1] (got {sched.gamma})")
+    if isinstance(sched, WSDConfig):
+        fraction = sched.decay_fraction
+        _require(0.0 < fraction <= 1.0, "scheduler.decay_fraction", f"must be in (0, 1] (got {fraction})")
+        _check_choice("scheduler.decay_shape", sched.decay_shape, WSD_SHAPES)
+        decay = sched.decay_steps(total)
+        _require(
+            warmup + decay <= total,
+            "scheduler.decay_fraction",
+            f"{fraction} of the run is {decay} decay steps, which overlap the {warmup} warmup steps "
+            f"(together more than the run's {total} steps)",
+        )
+    elif isinstance(sched, InverseSqrtConfig):
+        d_model = sched.d_model
+        _require(d_model is None or d_model >= 1, "scheduler.d_model", f"must be null or >= 1 (got {d_model})")
+    elif isinstance(sched, StepConfig):
+        _require(sched.step_size >= 1, "scheduler.step_size", f"must be >= 1 (got {sched.step_size})")
+    elif isinstance(sched, CosineRestartsConfig):
+        _require(sched.T_0 >= 1, "scheduler.T_0", f"must be >= 1 (got {sched.T_0})")
+        _require(sched.T_mult >= 1, "scheduler.T_mult", f"must be an integer >= 1 (got {sched.T_mult})")
 
 
 def _check_precision(precision: PrecisionConfig) -> None:
@@ -366,9 +639,41 @@ def _check_eval(ev: EvalConfig) -> None:
     _require(h.batch_size >= 1, "eval.hellaswag.batch_size", "must be >= 1")
 
 
+def _check_trainer(t: TrainerConfig) -> None:
+    _require(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", "must be >= 1")
+    _require(
+        t.stopping_threshold is None or t.stopping_threshold > 0,
+        "trainer.stopping_threshold",
+        f"must be null or > 0, a cross-entropy loss never falls below 0 (got {t.stopping_threshold})",
+    )
+
+
 def _check_callbacks(cb: CallbacksConfig) -> None:
     _require(cb.checkpoint.every_n_steps >= 1, "callbacks.checkpoint.every_n_steps", "must be >= 1")
+    _require(cb.checkpoint.save_top_k >= -1, "callbacks.checkpoint.save_top_k", "must be >= -1 (-1 keeps all)")
     _require(cb.progress_bar_refresh_rate >= 0, "callbacks.progress_bar_refresh_rate", "must be >= 0")
+    _check_profiler(cb.profiler)
+    _check_monitor(cb.monitor)
+
+
+def _check_profiler(p: ProfilerConfig) -> None:
+    for key in ("wait", "warmup", "row_limit"):
+        _require(getattr(p, key) >= 0, f"callbacks.profiler.{key}", f"must be >= 0 (got {getattr(p, key)})")
+    _require(p.active >= 1, "callbacks.profiler.active", f"must be >= 1 (got {p.active})")
+    _check_choice("callbacks.profiler.sort_by", p.sort_by, PROFILER_SORT_KEYS)
+
+
+def _check_monitor(m: MonitorConfig) -> None:
+    _require(m.every_n_steps >= 1, "callbacks.monitor.every_n_steps", f"must be >= 1 (got {m.every_n_steps})")
+    _check_choice("callbacks.monitor.on_nan", m.on_nan, ("stop", "skip"))
+    s = m.loss_spike
+    _require(s.window >= 2, "callbacks.monitor.loss_spike.window", f"must be >= 2 (got {s.window})")
+    _require(s.k > 0, "callbacks.monitor.loss_spike.k", f"must be > 0 (got {s.k})")
+    _require(
+        2 <= s.min_steps <= s.window,
+        "callbacks.monitor.loss_spike.min_steps",
+        f"must be in [2, loss_spike.window={s.window}] (got {s.min_steps})",
+    )
 
 
 def load_data_config(cfg: DictConfig | dict) -> DataConfig:
@@ -386,6 +691,7 @@ def _check_data(d: DataConfig) -> None:
     )
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(d.shuffle_seed is None or d.shuffle_seed >= 0, "data.shuffle_seed", "must be null or >= 0")
+    _require(d.overfit_batches >= 0, "data.overfit_batches", f"must be >= 0 (0: off; got {d.overfit_batches})")
     _check_prepare(d.prepare)
 
 
@@ -403,11 +709,32 @@ def _check_prepare(p: PrepareConfig) -> None:
         )
 
 
-def check_paths(cfg: TrainConfig) -> None:
-    """Checks that depend on this machine's files, kept apart so that checkpoints reload anywhere."""
-    if cfg.ckpt_path is not None:
-        # Resuming must never silently start from scratch (Lightning does so for ckpt_path="last").
-        _require(os.path.isfile(cfg.ckpt_path), "ckpt_path", f"no checkpoint file at {cfg.ckpt_path}")
+CHECKPOINTS_DIR = "checkpoints"  # in a run folder: last.ckpt and the periodic step_XXXXXX.ckpt
+LAST_CHECKPOINT = "last.ckpt"  # always the newest checkpoint of the run
+
+
+def check_paths(cfg: TrainConfig) -> TrainConfig:
+    """Checks that depend on this machine's files, kept apart so that checkpoints reload anywhere.
+    Returns cfg with ckpt_path resolved to a checkpoint file."""
+    if cfg.ckpt_path is None:
+        return cfg
+    return dataclasses.replace(cfg, ckpt_path=resolve_ckpt_path(cfg.ckpt_path))
+
+
+def resolve_ckpt_path(path: str) -> str:
+    """A .ckpt file, or a run folder meaning its checkpoints/last.ckpt. Resuming must never silently start
+    from scratch (Lightning does so for ckpt_path="last"), so anything else is an error."""
+    if os.path.isdir(path):
+        last = os.path.join(path, CHECKPOINTS_DIR, LAST_CHECKPOINT)
+        _require(
+            os.path.isfile(last),
+            "ckpt_path",
+            f"the folder {path} has no {CHECKPOINTS_DIR}/{LAST_CHECKPOINT} to resume from "
+            "(give a run folder or a .ckpt file)",
+        )
+        return last
+    _require(os.path.isfile(path), "ckpt_path", f"no checkpoint file or run folder at {path}")
+    return path
 
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

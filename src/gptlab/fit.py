@@ -14,14 +14,20 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_only
 
 from gptlab.callbacks.hellaswag import HellaSwagEval
+from gptlab.callbacks.monitor import TrainingMonitor
+from gptlab.callbacks.profiler import TorchProfiler
+from gptlab.callbacks.stopping import StoppingThreshold
 from gptlab.callbacks.throughput import ThroughputMonitor
-from gptlab.config import RunPlan, TrainConfig
+from gptlab.config import CHECKPOINTS_DIR, RunPlan, TrainConfig
 from gptlab.data.datamodule import TokenDataModule
 from gptlab.loggers import build_loggers
 from gptlab.module import GPTModule
+from gptlab.resume import AtomicCheckpointIO, RandomState, RunCheckpoint
 
 # Lightning 2.6 on torch 2.13 warns on every run about an internal use of a deprecated torch API.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# Resuming mid-epoch, Lightning warns that the loader is not resumable: TokenDataModule restores its position.
+warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
 
 
 def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
@@ -40,8 +46,7 @@ def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
     _print_header(cfg, plan, module, trainer, run_dir, choices)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    if trainer.global_step % cfg.eval.every_n_steps != 0:  # the last step was no validation step
+    if module.last_val_step != trainer.global_step:  # the last step was no validation step
         trainer.validate(module, datamodule=datamodule, verbose=False)
     train_loss = module.last_train_loss
     scores = (hellaswag and hellaswag.result) or {}
@@ -63,10 +68,15 @@ def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
 def _build_callbacks(cfg: TrainConfig, plan: RunPlan, run_dir: Path) -> dict[type, L.Callback | None]:
     """The run's callbacks by class; None where the config switches one off."""
     h = cfg.eval.hellaswag
+    stop_below, profiler = cfg.trainer.stopping_threshold, cfg.callbacks.profiler
     return {
         ThroughputMonitor: ThroughputMonitor(plan.tokens_per_step, cfg.trainer.log_every_n_steps),
+        TrainingMonitor: TrainingMonitor(cfg.callbacks.monitor),  # always on: NaN guard, norms for clipping
         ModelCheckpoint: _checkpoint_callback(cfg, run_dir),
+        RandomState: RandomState(),  # RNG states in checkpoints; evaluation leaves the training stream alone
         HellaSwagEval: HellaSwagEval(h, cfg.precision.trainer_precision) if h.enabled else None,
+        StoppingThreshold: None if stop_below is None else StoppingThreshold(stop_below),
+        TorchProfiler: TorchProfiler(profiler, run_dir / "profile") if profiler.enabled else None,
     }
 
 
@@ -79,7 +89,7 @@ def _build_trainer(cfg: TrainConfig, plan: RunPlan, run_dir: Path, loggers: list
         devices=cfg.trainer.devices,
         num_nodes=cfg.distributed.num_nodes,
         strategy=cfg.distributed.strategy,
-        **_precision_args(cfg),
+        **_with_checkpoint_io(_precision_args(cfg)),
         max_steps=plan.total_steps,
         accumulate_grad_batches=plan.grad_accum,
         val_check_interval=cfg.eval.every_n_steps * plan.grad_accum,  # counted in micro-batches
@@ -92,21 +102,30 @@ def _build_trainer(cfg: TrainConfig, plan: RunPlan, run_dir: Path, loggers: list
         enable_model_summary=False,  # the header says it in one line
         use_distributed_sampler=False,  # the datamodule gives each rank its own batches
         deterministic=cfg.trainer.deterministic,
+        detect_anomaly=cfg.trainer.detect_anomaly,
         default_root_dir=str(run_dir),
     )
 
 
-def _checkpoint_callback(cfg: TrainConfig, run_dir: Path) -> ModelCheckpoint:
-    return ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
+def _checkpoint_callback(cfg: TrainConfig, run_dir: Path) -> RunCheckpoint:
+    """step_XXXXXX.ckpt and last.ckpt every N steps, last.ckpt also at the end; written by AtomicCheckpointIO."""
+    return RunCheckpoint(
+        dirpath=run_dir / CHECKPOINTS_DIR,
         filename="step_{step:06d}",
         auto_insert_metric_name=False,
         every_n_train_steps=cfg.callbacks.checkpoint.every_n_steps,
         save_top_k=cfg.callbacks.checkpoint.save_top_k,
         monitor="step",
         mode="max",  # keeping the top k by step keeps the latest k
-        save_last=True,
+        save_last=True,  # a full save, not "link": a symlink to a step file that save_top_k may delete
+        enable_version_counter=False,  # a run resumed into its folder rewrites step files, no step_X-v1.ckpt
+        resume_from=cfg.ckpt_path,
     )
+
+
+def _with_checkpoint_io(trainer_args: dict) -> dict:
+    """Add the atomic checkpoint writer to the Trainer's plugins (fp16 on CPU passes its precision there)."""
+    return {**trainer_args, "plugins": [*trainer_args.get("plugins", []), AtomicCheckpointIO()]}
 
 
 def _precision_args(cfg: TrainConfig) -> dict:

@@ -2,6 +2,8 @@
 
 Both models use the same parameter names (`transformer.*`, `lm_head`); the differences are:
 - HF keeps c_attn, c_proj and c_fc in Conv1D layers, whose weights are the transpose of nn.Linear's.
+- Architecture: GPT-2 is gptlab's default (pre-norm, LayerNorm, tied head, biases); import sets it, and export
+  refuses a model with another (see GPT2_ARCHITECTURE). Manual attention exports: it is the same function.
 - Vocabulary: HF GPT-2 has the tokenizer's 50257 rows; gptlab pads to 50304 for faster matmuls.
   Import keeps 50257 unless asked to pad: the extra rows are zero, so the logits of real tokens are
   unchanged and the padded ids get logit 0 (gptlab.sample never samples them). Export drops the rows
@@ -15,13 +17,21 @@ from pathlib import Path
 import torch
 
 from gptlab.errors import DataError
-from gptlab.model import GPT, GPTConfig
+from gptlab.model import GPT, NORM_EPS, GPTConfig
 
 GPT2_VOCAB_SIZE = 50257  # the tokenizer's vocabulary; <|endoftext|> is the last id
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # Conv1D
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers, not weights
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # two implementations of the GELU(tanh) gptlab uses
-LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, what gptlab's GPT uses
+LAYER_NORM_EPS = NORM_EPS  # nn.LayerNorm's default, what gptlab's GPT uses
+# GPTConfig settings GPT-2 has; a model with other values cannot be exported (attention sdpa or manual: same math).
+GPT2_ARCHITECTURE = dict(norm_position="pre", norm="layernorm", tie_embeddings=True, bias=True)
+WHY_GPT2_CANNOT = dict(
+    norm_position="GPT-2 normalizes the input of each sublayer (pre-norm) and has a final ln_f",
+    norm="GPT-2 uses LayerNorm",
+    tie_embeddings="GPT-2's output head is the token embedding",
+    bias="GPT-2 has biases in every Linear and LayerNorm",
+)
 
 
 def import_hf_gpt2(name_or_path: str, vocab_size: int | None = None) -> GPT:
@@ -58,9 +68,8 @@ def gpt_from_hf_model(hf_model, vocab_size: int | None = None) -> GPT:
         n_layer=hf_config.n_layer,
         n_head=hf_config.n_head,
         n_embd=hf_config.n_embd,
-        dropout=0.0,
-        bias=True,
-    )
+        **GPT2_ARCHITECTURE,
+    )  # dropout stays 0: an imported model is for inference
     model = GPT(config)
     hf_state = {k: v for k, v in hf_model.state_dict().items() if not k.endswith(HF_BUFFERS)}
     hf_state.pop("lm_head.weight", None)  # tied to wte: copied through it
@@ -110,8 +119,7 @@ def export_hf(model: GPT, folder: Path, vocab_size: int = GPT2_VOCAB_SIZE) -> Pa
 
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: export what it wraps
     config = model.config
-    if not config.bias:
-        raise DataError("cannot export a model with bias=False: GPT-2 has biases in every Linear and LayerNorm")
+    check_exportable(config)
     if config.vocab_size < vocab_size:
         raise DataError(f"the model's vocabulary ({config.vocab_size}) is smaller than vocab_size {vocab_size}")
     hf_config = GPT2Config(
@@ -121,9 +129,9 @@ def export_hf(model: GPT, folder: Path, vocab_size: int = GPT2_VOCAB_SIZE) -> Pa
         n_layer=config.n_layer,
         n_head=config.n_head,
         activation_function="gelu_new",
-        resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout,
-        attn_pdrop=config.dropout,
+        resid_pdrop=config.resid_dropout,
+        embd_pdrop=config.embd_dropout,
+        attn_pdrop=config.attn_dropout,
         layer_norm_epsilon=LAYER_NORM_EPS,
         tie_word_embeddings=True,
         bos_token_id=GPT2_VOCAB_SIZE - 1,  # <|endoftext|>
@@ -137,6 +145,17 @@ def export_hf(model: GPT, folder: Path, vocab_size: int = GPT2_VOCAB_SIZE) -> Pa
     folder = Path(folder)
     hf_model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def check_exportable(config: GPTConfig) -> None:
+    """Refuse an architecture GPT-2 cannot express, naming the model setting."""
+    for key, gpt2_value in GPT2_ARCHITECTURE.items():
+        value = getattr(config, key)
+        if value != gpt2_value:
+            raise DataError(
+                f"cannot export a model with model.{key}={value} as a Hugging Face GPT-2: "
+                f"{WHY_GPT2_CANNOT[key]} (model.{key}={str(gpt2_value).lower()})"
+            )
 
 
 def hf_state_dict(model: GPT, vocab_size: int) -> dict[str, torch.Tensor]:

@@ -1,6 +1,12 @@
-"""Experiment loggers: the always-on metrics.jsonl of the run folder, plus the one `logger=` picks."""
+"""Experiment loggers: the always-on metrics.jsonl of the run folder, plus the one `logger=` picks.
+
+A run resumed into its own folder continues both: metrics.jsonl is appended to, and the W&B run (its id
+is kept in <run>/wandb/run_id) is resumed. A run resumed into a new folder starts a new W&B run.
+"""
 
 import json
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -8,16 +14,25 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from gptlab.config import CsvLoggerConfig, TrainConfig, WandbLoggerConfig
+from gptlab.data.shards import atomic_write_bytes
+from gptlab.resume import checkpoint_step
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = Path("wandb") / "run_id"  # in the run folder: the W&B run a resume into this folder continues
 
 
 class JsonlLogger(Logger):
-    """One JSON object per logging call: {"step": ..., "<metric>": ...}. Easy to read back with pandas."""
+    """One JSON object per logging call: {"step": ..., "<metric>": ...}. Easy to read back with pandas.
 
-    def __init__(self, run_dir: Path):
+    resume_step: this run resumes from a checkpoint of that step. The lines an interrupted run wrote after
+    it (the resumed run logs those steps again) and a line cut short by a kill are dropped, then lines are
+    appended: the file reads as one uninterrupted run."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
         super().__init__()
         self.path = Path(run_dir) / METRICS_FILE
+        if resume_step is not None and self.path.is_file():
+            self._rewind(resume_step)
 
     @property
     def name(self) -> str:
@@ -41,13 +56,29 @@ class JsonlLogger(Logger):
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
 
+    @rank_zero_only
+    def _rewind(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                record = json.loads(line) if line.endswith("\n") else None
+            except json.JSONDecodeError:
+                record = None
+            if record is not None and (record.get("step") is None or record["step"] <= step):
+                kept.append(line)
+        atomic_write_bytes(self.path, "".join(kept).encode())
+
 
 def build_loggers(cfg: TrainConfig, run_dir: Path, run_name: str) -> list[Logger]:
-    loggers: list[Logger] = [JsonlLogger(run_dir)]
+    """cfg.ckpt_path, when set, is a resolved checkpoint file (config.check_paths)."""
+    resume_step = None if cfg.ckpt_path is None else checkpoint_step(cfg.ckpt_path)
+    loggers: list[Logger] = [JsonlLogger(run_dir, resume_step)]
     if isinstance(cfg.logger, WandbLoggerConfig):
+        run_id, resumed_from = _wandb_run_id(run_dir, cfg.ckpt_path)
         loggers.append(
             WandbLogger(
                 save_dir=str(run_dir),  # the offline run lands in <run>/wandb/
+                id=run_id,  # Lightning passes resume="allow": a known id continues that run
                 project=cfg.logger.project,
                 entity=cfg.logger.entity,
                 name=run_name,
@@ -55,8 +86,28 @@ def build_loggers(cfg: TrainConfig, run_dir: Path, run_name: str) -> list[Logger
                 job_type=cfg.logger.job_type,
                 tags=list(cfg.tags),
                 mode=cfg.logger.mode,  # passed to wandb.init; unlike offline=True it leaves WANDB_MODE alone
+                config={"resumed_from_wandb_id": resumed_from} if resumed_from else None,
             )
         )
     elif isinstance(cfg.logger, CsvLoggerConfig):
         loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
     return loggers
+
+
+def _wandb_run_id(run_dir: Path, ckpt_path: str | None) -> tuple[str, str | None]:
+    """This run's W&B id, and the id of the run it resumes from when that is another folder's.
+
+    Resuming into a folder that holds a W&B id continues that run; anything else starts a new one."""
+    own = Path(run_dir) / WANDB_ID_FILE
+    if ckpt_path is not None and own.is_file():
+        return own.read_text().strip(), None
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as wandb's own
+    _write_text(own, run_id + "\n")
+    source = Path(ckpt_path).resolve().parent.parent / WANDB_ID_FILE if ckpt_path is not None else None
+    return run_id, source.read_text().strip() if source is not None and source.is_file() else None
+
+
+@rank_zero_only
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, text.encode())

@@ -5,7 +5,8 @@ import torch
 
 from gptlab.config import load_config
 from gptlab.model import GPT
-from gptlab.optim import build_optimizer, build_scheduler
+from gptlab.optim import build_optimizer
+from gptlab.schedules import build_scheduler
 
 
 class GPTModule(L.LightningModule):
@@ -16,10 +17,14 @@ class GPTModule(L.LightningModule):
         self.save_hyperparameters(logger=False)  # train.py logs the config itself, with the overrides
         self.cfg, self.plan = load_config(config)
         self.model = GPT(self.cfg.model)
+        if self.cfg.model.compile:  # in place: state_dict keys, checkpoints and callbacks see the plain GPT
+            self.model.compile()
         self._train_loss_sum = torch.zeros(())  # over the micro-steps of the current optimizer step
         self._val_sums = torch.zeros(2)  # summed token loss, token count
-        self.last_train_loss: torch.Tensor | None = None
+        self.last_train_loss: torch.Tensor | None = None  # this optimizer step's loss, mean over micro-steps
+        self.grad_norm: torch.Tensor | None = None  # this step's, before clipping (TrainingMonitor measures it)
         self.last_val_loss: float | None = None
+        self.last_val_step: int | None = None  # the optimizer step last_val_loss was measured at
         self.initial_val_loss: float | None = None
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
@@ -34,9 +39,10 @@ class GPTModule(L.LightningModule):
             self.log("train/loss", mean, prog_bar=True, sync_dist=True)  # sync_dist: mean over ranks
             # "step" is the loggers' x-axis and names checkpoints: the optimizer steps completed once this
             # micro-step's update is applied (Lightning's own step would be one less).
+            # CPU tensors: a Python float would be copied to the GPU, a host sync in the middle of the step.
             step = self.global_step + 1
-            self.log("step", float(step))
-            self.log("tokens", float(step * self.plan.tokens_per_step))
+            self.log("step", torch.tensor(float(step)))
+            self.log("tokens", torch.tensor(float(step * self.plan.tokens_per_step)))
             self.last_train_loss = mean
             self._train_loss_sum = torch.zeros((), device=self.device)
         return loss  # Lightning divides by grad_accum before backward
@@ -57,7 +63,7 @@ class GPTModule(L.LightningModule):
         # Token-weighted mean over every rank's share of the fixed validation windows.
         loss_sum, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         val_loss = loss_sum / count
-        self.last_val_loss = float(val_loss)
+        self.last_val_loss, self.last_val_step = float(val_loss), self.global_step
         if self.trainer.sanity_checking:  # the run's starting point; Lightning drops sanity-check logs
             self.initial_val_loss = self.last_val_loss
             for logger in self.loggers:
@@ -66,21 +72,26 @@ class GPTModule(L.LightningModule):
             self.log("val/loss", val_loss, prog_bar=True)
             self.log("step", float(self.global_step))
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Beside Lightning's state (global_step, optimizer, ...) and the RNG states of gptlab.resume.RandomState.
+        checkpoint["tokens"] = self.global_step * self.plan.tokens_per_step
+        checkpoint["initial_val_loss"] = self.initial_val_loss  # a resumed run skips the validation at its start
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.initial_val_loss = checkpoint.get("initial_val_loss")
+
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.cfg.optimizer)
-        scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.plan.total_steps)
+        scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.plan.total_steps, self.cfg.model.n_embd)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.log("lr", optimizer.param_groups[0]["lr"])
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None:  # fp16: the dynamic loss scale, halved on each overflowing (skipped) step
-            self.log("loss_scale", scaler.get_scale())
-
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Global-norm clipping; logs the norm before clipping. Runs after fp16 gradients are unscaled."""
-        params = [p for p in self.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if self.cfg.grad_clip > 0:
+        """Global-norm clipping at cfg.grad_clip, just before the optimizer step. TrainingMonitor's
+        on_before_optimizer_step (callbacks run first) has unscaled fp16 gradients, measured their norm, logged
+        it and handled NaN; lr, loss scale and the other training dynamics are logged there too."""
+        norm, self.grad_norm = self.grad_norm, None
+        params = [p for p in self.parameters() if p.grad is not None]  # none when the monitor skipped the step
+        if self.cfg.grad_clip > 0 and params:
+            if norm is None:  # no TrainingMonitor in this Trainer
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
-        self.log("grad_norm", norm)

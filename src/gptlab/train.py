@@ -32,7 +32,7 @@ def run(cfg: DictConfig) -> dict:
     summary = {key: None for key in SUMMARY_KEYS} | {"status": "failed", "seed": cfg.get("seed")}
     try:
         train_cfg, plan = load_config(cfg)
-        check_paths(train_cfg)
+        train_cfg = check_paths(train_cfg)  # ckpt_path: a run folder becomes its checkpoints/last.ckpt
         from gptlab.fit import fit  # Lightning takes seconds to import: only once the config is known good
 
         summary.update(fit(train_cfg, plan, OmegaConf.to_container(cfg, resolve=True), run_dir))

@@ -38,17 +38,20 @@ class HellaSwagEval(L.Callback):
         self.examples = examples if self.cfg.limit is None else examples[: self.cfg.limit]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        every = self.cfg.every_n_steps
-        if self.examples and every and step % every == 0 and step != self._scored_step:
-            for key, value in self._score(pl_module).items():
-                pl_module.log(key, value)  # already reduced over ranks
+        # Called after every micro-batch; global_step changes only on the micro-batch that completed a step.
+        step, every = trainer.global_step, self.cfg.every_n_steps
+        if self.examples and every and step > 0 and step % every == 0 and step != self._scored_step:
+            self._log(trainer, self._score(pl_module))
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.examples and trainer.global_step != self._scored_step:
-            metrics = self._score(pl_module)
-            for logger in trainer.loggers:  # Lightning's self.log is closed after training
-                logger.log_metrics(metrics, step=trainer.global_step)
+            self._log(trainer, self._score(pl_module))
+
+    @staticmethod
+    def _log(trainer, metrics: dict[str, float]) -> None:
+        # Straight to the loggers at this step: self.log would attach the scores to a later step's row.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def _score(self, pl_module) -> dict[str, float]:
         self.result = evaluate(  # in eval mode and without gradients; counts reduced over ranks

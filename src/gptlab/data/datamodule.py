@@ -11,7 +11,8 @@ import shlex
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from gptlab.config import ConfigError, DataConfig, EvalConfig, RunPlan
 from gptlab.data.loader import RangeSampler, SequentialBatches, TokenWindows, ValidationBatches
@@ -73,6 +74,8 @@ class TokenDataModule(L.LightningDataModule):
             batches = ShuffledBatches(self.folder, T, B, self.shuffle_seed, rank, world, self.cfg.align_to_documents)
         else:
             batches = SequentialBatches(TokenWindows(self.folder, "train", T), B, rank, world)
+        if self.cfg.overfit_batches:
+            batches = FirstBatches(batches, self.cfg.overfit_batches)
         stop = self.plan.total_steps * self.plan.grad_accum
         return self._loader(batches, RangeSampler(self._start_batch(), stop))
 
@@ -97,6 +100,7 @@ class TokenDataModule(L.LightningDataModule):
             "shuffle": self.cfg.shuffle,
             "shuffle_seed": self.shuffle_seed,
             "align_to_documents": self.cfg.align_to_documents,
+            "overfit_batches": self.cfg.overfit_batches,
             "seq_len": self.cfg.seq_len,
             "micro_batch_size": self.cfg.micro_batch_size,
             "world_size": self.trainer.world_size,
@@ -125,3 +129,17 @@ class TokenDataModule(L.LightningDataModule):
             pin_memory=self.trainer.strategy.root_device.type == "cuda",
             persistent_workers=self.cfg.num_workers > 0,
         )
+
+
+class FirstBatches(Dataset):
+    """Item i is micro-batch i % n of `batches`: the first n micro-batches, served forever
+    (data.overfit_batches; a model that cannot memorise them has a bug)."""
+
+    def __init__(self, batches: Dataset, n: int):
+        self.batches, self.n = batches, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches[i % self.n]

@@ -74,7 +74,10 @@ class ValidationBatches(Dataset):
 
 
 class RangeSampler(Sampler[int]):
-    """Yields start, start + 1, ..., stop - 1: the batch indices still to train on."""
+    """Yields start, start + 1, ..., stop - 1: the batch indices still to train on.
+
+    Its length is the whole epoch's, stop: Lightning counts an epoch's batches from its start and, resuming
+    mid-epoch, restores how many it has seen; the remaining count would end the resumed epoch early."""
 
     def __init__(self, start: int, stop: int):
         self.start, self.stop = start, stop
@@ -83,4 +86,4 @@ class RangeSampler(Sampler[int]):
         return iter(range(self.start, self.stop))
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return self.stop

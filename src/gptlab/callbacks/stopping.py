@@ -1,0 +1,42 @@
+"""Stop training as soon as the train loss falls below a threshold (trainer.stopping_threshold; debug=overfit).
+
+Lightning's EarlyStopping has the same `stopping_threshold`, but checks it only after validation; this
+checks the loss of every optimizer step, so an overfitting run ends at the first step below it.
+"""
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+
+class StoppingThreshold(L.Callback):
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.reached_at: int | None = None  # the step whose train loss fell below the threshold
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # optimizer steps completed
+        if step == self._last_step or pl_module.last_train_loss is None:  # still accumulating micro-batches
+            return
+        self._last_step = step
+        # the logged train/loss: this step's mean over micro-steps and ranks (every rank takes the same decision)
+        loss = float(trainer.strategy.reduce(pl_module.last_train_loss, reduce_op="mean"))
+        if loss < self.threshold:
+            self.reached_at = step
+            trainer.should_stop = True
+            _print(f"stopping_threshold: train/loss {loss:.4f} < {self.threshold:g} at step {step}; stopping")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        reached = self.reached_at is not None
+        for logger in trainer.loggers:  # Lightning's self.log is closed after training
+            logger.log_metrics({"stopping_threshold_reached": float(reached)}, step=trainer.global_step)
+        if not reached:
+            rank_zero_warn(
+                f"train/loss never fell below trainer.stopping_threshold={self.threshold:g} in "
+                f"{trainer.global_step} steps (the run's budget); raise the budget or the learning rate"
+            )
+
+
+@rank_zero_only
+def _print(message: str) -> None:
+    print(message, flush=True)

@@ -1,0 +1,292 @@
+"""Checkpoints and resuming: atomic files, everything a resume needs, ckpt_path as file or run folder, the
+same W&B run when resuming into the same folder, and a run killed with SIGKILL that resumes exactly."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.checkpoint import load_gpt
+from gptlab.config import ConfigError
+from gptlab.train import run
+from tests.conftest import ROOT, compose_train
+
+DROPOUT = ["model.embd_dropout=0.1", "model.attn_dropout=0.1", "model.resid_dropout=0.1"]  # RNG restore matters
+SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32"]  # still the GPT-2 vocabulary the data needs
+FAST = ["debug=smoke", "logger=none", "eval.hellaswag.enabled=false", *SMALL]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def logged(run_dir, key):
+    """{step: value} of one metric; fails on a step logged twice."""
+    rows = [(m["step"], m[key]) for m in read_metrics(run_dir) if key in m]
+    assert len({s for s, _ in rows}) == len(rows), f"{key} logged twice for a step: {rows}"
+    return dict(rows)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def same_weights(a, b):
+    a, b = load(a)["state_dict"], load(b)["state_dict"]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- atomic writes ---------------------------------------------------------------------------------------
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    from gptlab.resume import AtomicCheckpointIO
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "w": torch.arange(10_000.0)}, path)
+    (path.parent / ".last.ckpt.tmp999999").write_bytes(b"left by a process killed while saving")
+
+    real_save = torch.save
+
+    def dies_halfway(obj, f, *args, **kwargs):  # half of the bytes reach the file, then the process "dies"
+        real_save(obj, f, *args, **kwargs)
+        f.seek(f.tell() // 2)
+        f.truncate()
+        raise OSError("simulated crash during save")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="simulated crash"):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(10_000)}, path)
+    monkeypatch.undo()
+
+    ckpt = load(path)
+    assert ckpt["global_step"] == 1 and torch.equal(ckpt["w"], torch.arange(10_000.0))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+    io.save_checkpoint({"global_step": 3, "w": torch.ones(3)}, path)
+    assert load(path)["global_step"] == 3 and sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    from gptlab.resume import rng_states, set_rng_states
+
+    def draws():  # Python, NumPy, torch, and a dropout mask
+        dropout = torch.nn.functional.dropout(torch.ones(8), 0.5)
+        return random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), dropout.tolist()
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save({"rng_states": rng_states()}, tmp_path / "x.ckpt")
+    expected = draws()
+    assert draws() != expected  # the generators moved on
+    set_rng_states(load(tmp_path / "x.ckpt")["rng_states"])
+    assert draws() == expected
+
+
+# --- what a checkpoint holds -----------------------------------------------------------------------------
+
+
+def test_checkpoint_holds_everything_a_resume_needs(tmp_path, data_dir, monkeypatch):
+    """fp16 (so there is a loss scaler), written through the atomic writer, loadable with weights_only."""
+    from gptlab.resume import AtomicCheckpointIO
+
+    written, real_save = [], AtomicCheckpointIO.save_checkpoint
+
+    def save(self, checkpoint, path, storage_options=None):
+        written.append(os.path.basename(path))
+        real_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save)
+    run_dir = tmp_path / "run"
+    summary = run(compose_train([*FAST, "precision=fp16", *DROPOUT], run_dir, data_dir))
+    assert summary["status"] == "completed" and summary["step"] == 2
+
+    files = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert files == ["last.ckpt", "step_000001.ckpt", "step_000002.ckpt"]
+    assert set(written) == set(files)  # ModelCheckpoint's last.ckpt included
+    ckpt = load(run_dir / "checkpoints" / "last.ckpt")  # weights_only=True: no pickled objects
+    assert ckpt["global_step"] == 2 and ckpt["tokens"] == 2 * 512
+    assert ckpt["state_dict"].keys() and all(k.startswith("model.") for k in ckpt["state_dict"])
+    (opt,) = ckpt["optimizer_states"]
+    assert {"exp_avg", "exp_avg_sq"} <= opt["state"][0].keys()
+    (sched,) = ckpt["lr_schedulers"]
+    assert sched["last_epoch"] == 2
+    assert ckpt["MixedPrecision"]["scale"] > 0  # the fp16 loss scaler
+    assert ckpt["TokenDataModule"]["micro_batches"] == 4  # data position: 2 steps x 2 micro-batches
+    assert set(ckpt["rng_states"]) == {"python", "numpy", "torch", "cuda"}
+    assert ckpt["initial_val_loss"] == summary["val_loss_initial"]
+    assert load_gpt(run_dir / "checkpoints" / "step_000001.ckpt").state_dict().keys()
+
+
+# --- ckpt_path -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["empty_folder", "missing_file", "last"])
+def test_nothing_to_resume_from_is_an_error_naming_ckpt_path(tmp_path, where):
+    (tmp_path / "empty").mkdir()
+    target = {"empty_folder": tmp_path / "empty", "missing_file": tmp_path / "nope.ckpt", "last": "last"}[where]
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        run(compose_train([*FAST, f"ckpt_path={target}"], run_dir))
+    assert err.value.key == "ckpt_path" and str(target) in str(err.value)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "config_error"
+    assert not (run_dir / "checkpoints").exists()  # never a silent fresh start
+
+
+def test_crash_mid_save_then_resume_from_the_run_folder(tmp_path, data_dir, monkeypatch):
+    """A save that dies at step 3 leaves last.ckpt at step 2; `ckpt_path=<run folder>` resumes from it into
+    the same folder and ends where an uninterrupted run ends, with metrics.jsonl as if never interrupted."""
+    overrides = [*FAST, "max_tokens=2048", *DROPOUT]
+    straight = tmp_path / "straight"
+    run(compose_train(overrides, straight, data_dir))
+
+    crashed = tmp_path / "crashed"
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(obj.get("global_step") if isinstance(obj, dict) else None)
+        if calls[-1] == 3 and len(calls) == 6:  # last.ckpt of step 3 (its step file came first)
+            f.write(b"partial")
+            raise OSError("simulated crash during save")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError, match="simulated crash"):
+        run(compose_train(overrides, crashed, data_dir))
+    monkeypatch.undo()
+    checkpoints = crashed / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", *(f"step_00000{i}.ckpt" for i in (1, 2, 3))]
+    assert load(checkpoints / "last.ckpt")["global_step"] == 2 and load_gpt(checkpoints / "last.ckpt")
+
+    summary = run(compose_train([*overrides, f"ckpt_path={crashed}"], crashed, data_dir))
+    expected = json.loads((straight / "summary.json").read_text())
+    assert summary["step"] == 4
+    assert (summary["train_loss"], summary["val_loss"]) == (expected["train_loss"], expected["val_loss"])
+    assert summary["val_loss_initial"] == expected["val_loss_initial"]  # carried by the checkpoint
+    for key in ("train/loss", "val/loss", "lr", "grad_norm"):
+        assert logged(crashed, key) == logged(straight, key), key
+    assert same_weights(straight / "checkpoints" / "last.ckpt", checkpoints / "last.ckpt")
+
+
+def test_resume_into_a_new_folder_with_loader_workers_continues_exactly(tmp_path, data_dir):
+    """Resuming from step 2 of a 4-step run into a new folder gives the same losses and weights as never
+    stopping: the loader position and the RNG states (dropout) are in the checkpoint. Resuming with another
+    data layout is refused."""
+    overrides = [*FAST, "max_tokens=2048", "eval.at_start=false", "data.num_workers=2", *DROPOUT]
+    straight = tmp_path / "straight"
+    run(compose_train(overrides, straight, data_dir))
+    middle = f"ckpt_path={straight / 'checkpoints' / 'step_000002.ckpt'}"
+    with pytest.raises(ConfigError, match="data layout differs in micro_batch_size"):
+        run(compose_train([*overrides, middle, "data.micro_batch_size=2"], tmp_path / "other_layout", data_dir))
+
+    resumed = tmp_path / "resumed"
+    summary = run(compose_train([*overrides, middle], resumed, data_dir))
+    assert summary["step"] == 4
+    assert logged(resumed, "train/loss") == {s: v for s, v in logged(straight, "train/loss").items() if s > 2}
+    assert same_weights(straight / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
+
+
+# Resuming in the first half of a run is not exact yet. The train loader's length is the micro-batches
+# still to come, while Lightning, resuming mid-epoch, also counts those already seen: the epoch ends early,
+# and the next one replays the batches from the resume point on. Fix, in src/gptlab/data/datamodule.py
+# (not this part's file): give the train sampler the whole epoch's length, `stop`. Then drop this marker.
+
+
+def test_resume_from_the_first_half_of_a_run_continues_exactly(tmp_path, data_dir):
+    overrides = [*FAST, "max_tokens=2048", *DROPOUT]
+    straight = tmp_path / "straight"
+    run(compose_train(overrides, straight, data_dir))
+    resumed = tmp_path / "resumed"
+    run(compose_train([*overrides, f"ckpt_path={straight / 'checkpoints' / 'step_000001.ckpt'}"], resumed, data_dir))
+    assert logged(resumed, "train/loss") == {s: v for s, v in logged(straight, "train/loss").items() if s > 1}
+    assert same_weights(straight / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
+
+
+def test_metrics_of_a_run_resumed_in_place_read_as_one_run(tmp_path):
+    """The lines an interrupted run logged after its checkpoint, and a line cut short by the kill, go."""
+    from gptlab.loggers import JsonlLogger
+
+    lines = [{"step": 0, "val/loss": 4.0}, *({"step": s, "train/loss": 4.0 - s / 10} for s in (1, 2, 3, 4))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines) + '{"step": 5, "tr')
+    logger = JsonlLogger(tmp_path, resume_step=2)
+    assert read_metrics(tmp_path) == lines[:3]
+    logger.log_metrics({"train/loss": 3.7}, step=3)
+    assert read_metrics(tmp_path) == [*lines[:3], {"step": 3, "train/loss": 3.7}]
+    JsonlLogger(tmp_path)  # a run that does not resume leaves the file alone
+    assert len(read_metrics(tmp_path)) == 4
+
+
+# --- W&B -------------------------------------------------------------------------------------------------
+
+
+def wandb_ids(run_dir):
+    """The run ids of the offline W&B runs in a run folder (offline-run-<date>_<time>-<id>)."""
+    return [p.name.rsplit("-", 1)[1] for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
+
+
+def test_resuming_into_the_same_folder_continues_the_wandb_run(tmp_path, data_dir):
+    common = [*FAST, "logger=wandb"]
+    first = tmp_path / "first"
+    run(compose_train([*common, "max_tokens=512"], first, data_dir))
+    (run_id,) = wandb_ids(first)
+    assert (first / "wandb" / "run_id").read_text().strip() == run_id
+
+    summary = run(compose_train([*common, "max_tokens=1024", f"ckpt_path={first}"], first, data_dir))
+    assert summary["step"] == 2
+    assert wandb_ids(first) == [run_id, run_id]  # one W&B run, in two offline pieces that `wandb sync` joins
+    assert list(logged(first, "train/loss")) == [1, 2]
+
+    elsewhere = tmp_path / "elsewhere"
+    run(compose_train([*common, "max_tokens=1024", f"ckpt_path={first}"], elsewhere, data_dir))
+    (other_id,) = wandb_ids(elsewhere)
+    assert other_id != run_id and (elsewhere / "wandb" / "run_id").read_text().strip() == other_id
+    (record,) = (elsewhere / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"resumed_from_wandb_id" in record.read_bytes() and run_id.encode() in record.read_bytes()
+
+
+# --- the kill test ---------------------------------------------------------------------------------------
+
+
+def test_sigkill_at_a_random_step_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, data_dir):
+    """scripts/train.py is killed (SIGKILL) once a random step's checkpoint appears; `ckpt_path=<run folder>`
+    into the same folder finishes the run with the final losses and weights of a run never interrupted."""
+    steps = 8
+    overrides = [*FAST, f"max_tokens={steps * 512}", "eval.every_n_steps=3", *DROPOUT]
+    reference = tmp_path / "reference"
+    expected = run(compose_train(overrides, reference, data_dir))
+
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "GPTLAB_DATA_DIR": str(data_dir)}
+    kill_at = random.Random(1).randint(2, steps - 2)  # from 2: last.ckpt exists by then
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        target = run_dir / "checkpoints" / f"step_{kill_at:06d}.ckpt"
+        deadline = time.monotonic() + 300
+        while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert target.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "timed out"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+    resume_step = load(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert kill_at - 1 <= resume_step < steps
+
+    cmd_resume = [*cmd, f"ckpt_path={run_dir}"]
+    done = subprocess.run(cmd_resume, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == steps
+    assert (summary["train_loss"], summary["val_loss"]) == (expected["train_loss"], expected["val_loss"])
+    assert same_weights(reference / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
+    for key in ("train/loss", "val/loss"):  # metrics.jsonl: the killed run's lines, then the resumed run's
+        got, want = logged(run_dir, key), logged(reference, key)
+        assert set(s for s in want if s > resume_step) <= set(got) and all(want[s] == v for s, v in got.items())
