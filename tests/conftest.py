@@ -30,6 +30,17 @@ def compose_train(overrides: list[str] = (), output_dir: Path | None = None, dat
     return cfg
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run many times faster on one thread than on two that spin-wait for a shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A data folder holding the prepared sample corpus (prepared once per test session)."""

@@ -16,13 +16,7 @@ from gptlab.model import GPT, NORM_EPS, GPTConfig
 TINY = GPTConfig(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many times faster on one thread than on two that spin-wait for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
 
 def tiny(**changes) -> GPTConfig:

@@ -145,7 +145,7 @@ def test_nan_loss_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(t
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 2"):
         run(compose_train([*FAST, "max_tokens=192"], run_dir, data_dir))
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "failed" and "non-finite loss at step 2" in summary["error"]
+    assert summary["status"] == "diverged" and "non-finite loss at step 2" in summary["error"]
     assert max(m["step"] for m in read_metrics(run_dir) if "train/loss" in m) == 1  # stopped within the step
 
     on_disk = sorted((run_dir / "checkpoints").glob("*.ckpt"))

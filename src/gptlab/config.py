@@ -23,6 +23,7 @@ class ConfigError(UserInputError, ValueError):
     """A user mistake in the config: `key` is the dotted path of the offending value."""
 
     label = "Config error"
+    status = "config_error"
 
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 class UserInputError(Exception):
     label = "Error"  # how the entry points introduce the message
+    status = "failed"  # summary.json's status for a run that ends with this error
 
 
 class DataError(UserInputError):

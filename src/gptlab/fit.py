@@ -146,6 +146,19 @@ def _hydra_overrides() -> tuple[list[str], dict]:
     return list(hydra_cfg.overrides.task), dict(hydra_cfg.runtime.choices)
 
 
+def _architecture(m) -> str:
+    """The architecture choices in a few words, e.g. `pre-layernorm, sdpa attention, gpt2 init, tied embeddings`."""
+    parts = [f"{m.norm_position}-{m.norm}", f"{m.attention} attention", f"{m.init} init"]
+    parts.append("tied embeddings" if m.tie_embeddings else "untied head")
+    parts += [] if m.bias else ["no bias"]
+    dropouts = {"embd": m.embd_dropout, "attn": m.attn_dropout, "resid": m.resid_dropout}
+    parts += [f"{k} dropout {v:g}" for k, v in dropouts.items() if v > 0]
+    parts += [f"label smoothing {m.label_smoothing:g}"] if m.label_smoothing > 0 else []
+    parts += ["activation checkpointing"] if m.activation_checkpointing else []
+    parts += ["compiled"] if m.compile else []
+    return ", ".join(parts)
+
+
 @rank_zero_only
 def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, run_dir: Path, choices) -> None:
     d = cfg.data
@@ -154,6 +167,7 @@ def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, r
         f"model      {model_name}: {module.model.num_params() / 1e6:.2f}M parameters "
         f"({module.model.num_params(non_embedding=True) / 1e6:.2f}M without position embeddings), "
         f"{cfg.model.n_layer} layers, {cfg.model.n_head} heads, d={cfg.model.n_embd}, vocab {cfg.model.vocab_size}",
+        f"           {_architecture(cfg.model)}",
         f"batch      {plan.tokens_per_step:,} tokens/step = micro-batch {d.micro_batch_size} x seq {d.seq_len} "
         f"x {plan.world_size} device(s) x {plan.grad_accum} accumulation step(s)",
         f"budget     {plan.total_steps:,} steps = {plan.total_tokens:,} tokens; lr {cfg.optimizer.lr:g} "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.config import ConfigError, check_paths, load_config
+from gptlab.config import check_paths, load_config
 from gptlab.data.shards import atomic_write_bytes
 from gptlab.errors import UserInputError
 
@@ -38,11 +38,8 @@ def run(cfg: DictConfig) -> dict:
         summary.update(fit(train_cfg, plan, OmegaConf.to_container(cfg, resolve=True), run_dir))
         summary["status"] = "completed"
         return summary
-    except ConfigError as e:
-        summary.update(status="config_error", error=str(e))
-        raise
-    except UserInputError as e:
-        summary["error"] = f"{e.label}: {e}"
+    except UserInputError as e:  # a config mistake, bad data, a diverged run
+        summary.update(status=e.status, error=f"{e.label}: {e}")
         raise
     except KeyboardInterrupt:
         summary["status"] = "interrupted"

@@ -27,6 +27,7 @@ class NonFiniteLossError(UserInputError):
     """The loss or the gradients were NaN/Inf and callbacks.monitor.on_nan=stop."""
 
     label = "Training stopped"
+    status = "diverged"
 
 
 class TrainingMonitor(L.Callback):
