@@ -14,8 +14,9 @@ os.environ.setdefault("GPTLAB_ROOT", str(ROOT))
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="train")
 @exit_on_user_error
-def main(cfg) -> None:
-    run(cfg)
+def main(cfg) -> float | None:
+    """Returns the final val loss: what an Optuna sweep (`hparams_search=...`) minimizes; None if the job failed."""
+    return run(cfg)["val_loss"]
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from gptlab.config import CHECKPOINTS_DIR, RunPlan, TrainConfig
 from gptlab.data.datamodule import TokenDataModule
 from gptlab.loggers import build_loggers
 from gptlab.module import GPTModule
+from gptlab.provenance import write_provenance
 from gptlab.resume import AtomicCheckpointIO, RandomState, RunCheckpoint
 
 # Lightning 2.6 on torch 2.13 warns on every run about an internal use of a deprecated torch API.
@@ -32,6 +33,7 @@ warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
 
 def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
     """Train; return the summary fields (losses, steps, throughput)."""
+    write_provenance(run_dir)  # rank 0: command line, git commit and diff, package versions
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # 0 is a valid seed
     torch.set_float32_matmul_precision(cfg.precision.matmul_precision)
     module = GPTModule(config)

@@ -10,12 +10,14 @@ import string
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from gptlab.config import CsvLoggerConfig, TrainConfig, WandbLoggerConfig
 from gptlab.data.shards import atomic_write_bytes
 from gptlab.resume import checkpoint_step
+from gptlab.sweep import in_multirun
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = Path("wandb") / "run_id"  # in the run folder: the W&B run a resume into this folder continues
@@ -82,9 +84,9 @@ def build_loggers(cfg: TrainConfig, run_dir: Path, run_name: str) -> list[Logger
                 project=cfg.logger.project,
                 entity=cfg.logger.entity,
                 name=run_name,
-                group=cfg.logger.group,
+                group=_wandb_group(cfg),
                 job_type=cfg.logger.job_type,
-                tags=list(cfg.tags),
+                tags=_wandb_tags(cfg),
                 mode=cfg.logger.mode,  # passed to wandb.init; unlike offline=True it leaves WANDB_MODE alone
                 config={"resumed_from_wandb_id": resumed_from} if resumed_from else None,
             )
@@ -92,6 +94,20 @@ def build_loggers(cfg: TrainConfig, run_dir: Path, run_name: str) -> list[Logger
     elif isinstance(cfg.logger, CsvLoggerConfig):
         loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
     return loggers
+
+
+def _wandb_group(cfg: TrainConfig) -> str | None:
+    """logger.group, else in a multirun the sweep folder's name: a sweep's jobs side by side in the W&B UI."""
+    if cfg.logger.group is not None or not in_multirun():
+        return cfg.logger.group
+    return Path(HydraConfig.get().sweep.dir).name
+
+
+def _wandb_tags(cfg: TrainConfig) -> list[str]:
+    """cfg.tags, and the experiment preset's name (`experiment=`) when there is one."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    experiment = choices.get("experiment")
+    return list(dict.fromkeys([*cfg.tags, *([experiment] if experiment else [])]))
 
 
 def _wandb_run_id(run_dir: Path, ckpt_path: str | None) -> tuple[str, str | None]:

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from gptlab.config import check_paths, load_config
 from gptlab.data.shards import atomic_write_bytes
 from gptlab.errors import UserInputError
+from gptlab.sweep import SUMMARY_FILE, in_multirun
 
-SUMMARY_FILE = "summary.json"
 SUMMARY_KEYS = (
     "status", "step", "tokens", "train_loss", "val_loss", "val_loss_initial",
     "hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n",
@@ -26,7 +27,10 @@ SUMMARY_KEYS = (
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train one job into cfg.paths.output_dir; summary.json is written whatever happens."""
+    """Train one job into cfg.paths.output_dir; summary.json is written whatever happens.
+
+    A failure raises, except in a multirun: there the job reports it on stderr and in its summary.json and
+    returns that summary, so that the sweep goes on (gptlab.sweep counts the failures at its end)."""
     started = time.time()
     run_dir = Path(cfg.paths.output_dir)
     summary = {key: None for key in SUMMARY_KEYS} | {"status": "failed", "seed": cfg.get("seed")}
@@ -40,17 +44,23 @@ def run(cfg: DictConfig) -> dict:
         return summary
     except UserInputError as e:  # a config mistake, bad data, a diverged run
         summary.update(status=e.status, error=f"{e.label}: {e}")
-        raise
+        if not in_multirun():
+            raise
+        print(f"{run_dir}: {e.label}: {e}", file=sys.stderr)  # one line, as a single run exits with
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
         raise
     except Exception as e:
         summary["error"] = f"{type(e).__name__}: {e}"
-        raise
+        if not in_multirun():
+            raise
+        print(f"{run_dir}: job failed:", file=sys.stderr)
+        traceback.print_exc()  # a bug, not a config mistake: the whole traceback
     finally:
         summary["wall_s"] = round(time.time() - started, 2)
         _write_summary(run_dir, summary)
         _finish_wandb(exit_code=0 if summary["status"] == "completed" else 1)
+    return summary  # a failed job of a multirun
 
 
 def _finish_wandb(exit_code: int) -> None:

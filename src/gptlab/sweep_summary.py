@@ -1,0 +1,439 @@
+"""Summarize a sweep folder: one row per job, one per config (mean ± std over seeds), and plots.
+
+A job is any folder under the sweep that holds `.hydra/overrides.yaml` or `summary.json` (Hydra's
+<sweep>/<override_dirname>/ layout, or any deeper one). A job's config is its overrides minus `seed`; jobs
+that share a config are its seeds. Only completed jobs enter the means: failed, running and unknown jobs
+are listed with their status (and error) but left out. A job without summary.json is "running" while its
+files still change, "unknown" once they have been still for STALE_S (killed by the OOM killer or a
+cluster time limit, say).
+"""
+
+import csv
+import json
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from gptlab.errors import UserInputError
+
+STALE_S = 30 * 60  # a job with no summary.json and no file written for this long is "unknown", not "running"
+METRICS = {  # summary column -> header
+    "final_val_loss": "final val loss",
+    "best_val_loss": "best val loss",
+    "hellaswag_acc_norm": "HellaSwag acc_norm",
+    "tokens_per_s": "tokens/s",
+}
+DIGITS = {"final_val_loss": 4, "best_val_loss": 4, "hellaswag_acc_norm": 4, "tokens_per_s": 0}
+
+
+@dataclass
+class Job:
+    name: str  # the folder, relative to the sweep
+    overrides: dict[str, str]  # key -> value as given on the command line, seed excluded
+    seed: int | None
+    status: str
+    error: str | None = None
+    step: int | None = None
+    final_val_loss: float | None = None
+    best_val_loss: float | None = None
+    hellaswag_acc_norm: float | None = None
+    tokens_per_s: float | None = None
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val loss)
+    num: int | None = None  # Hydra's job number: the sweep's own order
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+
+@dataclass
+class Config:
+    label: str  # the overrides that differ between configs, e.g. "optimizer.lr=3e-4, scheduler=wsd"
+    values: dict[str, str]  # swept key -> this config's value
+    jobs: list[Job]
+
+    def stats(self, metric: str) -> tuple[float | None, float | None, int]:
+        """Mean, sample std (ddof=1; None for one seed) and count over completed seeds that have the metric."""
+        xs = [getattr(j, metric) for j in self.jobs if j.completed and getattr(j, metric) is not None]
+        if not xs:
+            return None, None, 0
+        return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None), len(xs)
+
+    @property
+    def n_seeds(self) -> int:
+        return sum(j.completed for j in self.jobs)
+
+    @property
+    def status(self) -> str:
+        counts: dict[str, int] = {}
+        for job in self.jobs:
+            counts[job.status] = counts.get(job.status, 0) + 1
+        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: kv[0] != "completed"))
+
+
+@dataclass
+class Sweep:
+    folder: Path
+    jobs: list[Job]
+    swept: list[str]  # keys whose value differs between jobs (seed excluded)
+    common: dict[str, str]  # overrides every job shares
+    configs: list[Config]
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+
+def load_sweep(folder: Path, now: float | None = None, stale_s: float = STALE_S) -> Sweep:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserInputError(f"no such sweep folder: {folder}")
+    dirs = find_jobs(folder)
+    if not dirs:
+        raise UserInputError(f"no job folders (with .hydra/overrides.yaml or summary.json) under {folder}")
+    now = time.time() if now is None else now
+    jobs = sorted((read_job(d, folder, now, stale_s) for d in dirs), key=_order)
+    keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
+    swept = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+    common = {k: v for k, v in jobs[0].overrides.items() if k not in swept}
+    return Sweep(folder, jobs, swept, common, group_configs(jobs, swept))
+
+
+def find_jobs(folder: Path) -> list[Path]:
+    """Job folders under `folder` (or `folder` itself, a single run); hidden folders are not searched."""
+    if _is_job(folder):
+        return [folder]
+    found = []
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found += find_jobs(child)
+    return found
+
+
+def _is_job(folder: Path) -> bool:
+    return (folder / ".hydra" / "overrides.yaml").is_file() or (folder / "summary.json").is_file()
+
+
+def read_job(folder: Path, sweep: Path, now: float, stale_s: float = STALE_S) -> Job:
+    overrides = _read_overrides(folder / ".hydra" / "overrides.yaml")
+    seed_override = overrides.pop("seed", None)
+    summary = _read_json(folder / "summary.json")
+    records = read_metrics(folder / "metrics.jsonl")
+    curve = [(int(r["step"]), float(r["val/loss"])) for r in records if _finite(r.get("val/loss"))]
+    job = Job(
+        name=str(folder.relative_to(sweep)) if folder != sweep else folder.name,
+        overrides=overrides,
+        seed=_first(summary.get("seed"), _config_seed(folder), seed_override),
+        status=summary.get("status") or ("running" if _last_write(folder) > now - stale_s else "unknown"),
+        error=summary.get("error"),
+        step=_first(summary.get("step"), records[-1].get("step") if records else None),
+        final_val_loss=_first(summary.get("val_loss"), curve[-1][1] if curve else None),
+        best_val_loss=min(_finite_values([v for _, v in curve] + [summary.get("val_loss")]), default=None),
+        hellaswag_acc_norm=_first(summary.get("hellaswag_acc_norm"), _last(records, "hellaswag/acc_norm")),
+        tokens_per_s=_first(summary.get("tokens_per_s"), _last(records, "tokens_per_s")),
+        curve=curve,
+        num=_job_num(folder),
+    )
+    if job.status == "running" and summary and _last_write(folder) <= now - stale_s:
+        job.status = "unknown"  # a summary written at start says "running", but nothing moved for a long time
+    return job
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short (a job still writing, or killed) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step") is not None:
+            records.append(record)
+    return records
+
+
+def _read_overrides(path: Path) -> dict[str, str]:
+    """`key=value` strings -> {key: value}; Hydra's +, ++ and ~ prefixes are dropped from the key."""
+    if not path.is_file():
+        return {}
+    overrides = {}
+    for item in yaml.safe_load(path.read_text()) or []:
+        key, _, value = str(item).partition("=")
+        overrides[key.lstrip("+~")] = value
+    return overrides
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {"status": "unknown", "error": "summary.json is not valid JSON"}
+
+
+def _config_seed(folder: Path) -> int | None:
+    path = folder / ".hydra" / "config.yaml"
+    seed = (yaml.safe_load(path.read_text()) or {}).get("seed") if path.is_file() else None
+    return seed if isinstance(seed, int) else None
+
+
+def _job_num(folder: Path) -> int | None:
+    path = folder / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return None
+    num = ((yaml.safe_load(path.read_text()) or {}).get("hydra") or {}).get("job", {}).get("num")
+    return num if isinstance(num, int) else None
+
+
+def _last_write(folder: Path) -> float:
+    files = [folder, folder / "metrics.jsonl", folder / "train.log", folder / "summary.json"]
+    return max(p.stat().st_mtime for p in files if p.exists())
+
+
+def _order(job: Job) -> tuple:
+    return (job.num is None, job.num or 0, job.name)
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _last(records: list[dict], key: str) -> float | None:
+    return next((float(r[key]) for r in reversed(records) if _finite(r.get(key))), None)
+
+
+def _finite_values(xs: list) -> list[float]:
+    return [float(x) for x in xs if _finite(x)]
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def group_configs(jobs: list[Job], swept: list[str]) -> list[Config]:
+    """Jobs grouped by their swept values, in the order of each config's first job."""
+    configs: dict[tuple, Config] = {}
+    for job in jobs:
+        values = {k: job.overrides.get(k, "default") for k in swept}
+        key = tuple(values.items())
+        if key not in configs:
+            label = ", ".join(f"{k}={v}" for k, v in values.items()) or "all jobs"
+            configs[key] = Config(label, values, [])
+        configs[key].jobs.append(job)
+    return list(configs.values())
+
+
+# --- tables -------------------------------------------------------------------------------------------------
+
+
+def config_rows(sweep: Sweep) -> list[dict]:
+    """One row per config (numbers, not text): the swept values, seeds, mean and std of each metric, status."""
+    rows = []
+    for config in sweep.configs:
+        row = {"config": config.label, **config.values, "n_seeds": config.n_seeds}
+        for metric in METRICS:
+            row[f"{metric}_mean"], row[f"{metric}_std"], _ = config.stats(metric)
+        rows.append(row | {"status": config.status})
+    return rows
+
+
+def job_rows(sweep: Sweep) -> list[dict]:
+    return [
+        {"job": j.name, "config": c.label, **c.values, "seed": j.seed, "status": j.status, "step": j.step}
+        | {m: getattr(j, m) for m in METRICS}
+        | {"error": j.error}
+        for c in sweep.configs
+        for j in c.jobs
+    ]
+
+
+def markdown(sweep: Sweep, by_seed: bool = True, by_config: bool = True) -> str:
+    n = len(sweep.jobs)
+    done = sum(j.completed for j in sweep.jobs)
+    counts = f"{n} jobs: {done} completed, {n - done} not completed (left out of means)."
+    lines = [f"# Sweep {sweep.folder.name}", "", counts]
+    if sweep.common:
+        lines.append("Common overrides: " + " ".join(f"{k}={v}" for k, v in sweep.common.items()))
+    if by_config:
+        lines += ["", "## Per config (mean ± std over completed seeds)", "", *_config_table(sweep)]
+    if by_seed:
+        lines += ["", "## Per job", "", *_job_table(sweep)]
+    return "\n".join(lines) + "\n"
+
+
+def _config_table(sweep: Sweep) -> list[str]:
+    header = ["config", "seeds", *METRICS.values(), "status"]
+    rows = []
+    for c in sweep.configs:
+        cells = [_fmt_mean_std(*c.stats(m)[:2], DIGITS[m]) for m in METRICS]
+        rows.append([c.label, str(c.n_seeds), *cells, c.status])
+    return _table(header, rows)
+
+
+def _job_table(sweep: Sweep) -> list[str]:
+    header = ["job", "seed", "status", "step", *METRICS.values(), "error"]
+    rows = [
+        [j.name, _fmt(j.seed), j.status, _fmt(j.step), *(_fmt(getattr(j, m), DIGITS[m]) for m in METRICS),
+         _short(j.error)]
+        for c in sweep.configs for j in c.jobs
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return [line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)]
+
+
+def _fmt(x, digits: int = 0) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _fmt_mean_std(mean: float | None, std: float | None, digits: int) -> str:
+    return _fmt(mean, digits) + ("" if std is None else f" ± {std:.{digits}f}")
+
+
+def _short(text: str | None, width: int = 80) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """Empty cells for missing values, so pandas reads NaN."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+
+
+# --- plots --------------------------------------------------------------------------------------------------
+
+
+def mean_curve(curves: Iterable[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps, and per step the mean, min and max over the curves that reached it."""
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for step, value in curve:
+            by_step.setdefault(step, []).append(value)
+    steps = sorted(by_step)
+    cols = [by_step[s] for s in steps]
+    return steps, [statistics.fmean(c) for c in cols], [min(c) for c in cols], [max(c) for c in cols]
+
+
+def plot_curves(sweep: Sweep) -> Figure:
+    """Val loss vs step per config: the mean over completed seeds, a min-max band, unfinished jobs dashed."""
+    fig, ax = _figure()
+    for i, config in enumerate(sweep.configs):
+        color = f"C{i % 10}"
+        done = [j.curve for j in config.jobs if j.completed and j.curve]
+        if done:
+            steps, mean, low, high = mean_curve(done)
+            ax.plot(steps, mean, color=color, label=f"{config.label} (n={len(done)})")
+            if len(done) > 1:
+                ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
+        for job in config.jobs:
+            if not job.completed and job.curve:
+                steps, values = zip(*job.curve)
+                label = f"{config.label} seed={job.seed} ({job.status})"
+                ax.plot(steps, values, color=color, linestyle="--", alpha=0.6, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss")
+    ax.set_title("val loss: mean over seeds, band = min-max; dashed = not completed", fontsize=9)
+    _legend(ax)
+    return fig
+
+
+def plot_vs_key(sweep: Sweep, key: str, metric: str = "final_val_loss") -> Figure:
+    """The metric vs one swept key: mean ± std per config, each seed a dot; one series per value of the
+    other swept keys. Numeric values on a numeric axis (log when they span 100x), others as categories."""
+    fig, ax = _figure()
+    values = list(dict.fromkeys(c.values[key] for c in sweep.configs))
+    numbers = _as_numbers(values)
+    position = numbers or {v: i for i, v in enumerate(values)}
+    series: dict[str, list[Config]] = {}
+    for config in sweep.configs:
+        rest = ", ".join(f"{k}={v}" for k, v in config.values.items() if k != key)
+        series.setdefault(rest, []).append(config)
+    width = 0.6 / max(len(series), 1)
+    for i, (rest, configs) in enumerate(series.items()):
+        configs = sorted(configs, key=lambda c: position[c.values[key]])
+        offset = 0 if numbers else (i - (len(series) - 1) / 2) * width
+        xs, means, stds = [], [], []
+        for config in configs:
+            x = position[config.values[key]] + offset
+            mean, std, _ = config.stats(metric)
+            seeds = [getattr(j, metric) for j in config.jobs if j.completed and getattr(j, metric) is not None]
+            ax.scatter([x] * len(seeds), seeds, color=f"C{i % 10}", s=12, alpha=0.5)
+            if mean is not None:
+                xs.append(x), means.append(mean), stds.append(std or 0.0)
+        if xs:
+            ax.errorbar(xs, means, yerr=stds, color=f"C{i % 10}", marker="o", capsize=3,
+                        linestyle="-" if numbers else "none", label=rest or None)  # fmt: skip
+    if numbers:
+        xs = list(numbers.values())
+        if min(xs) > 0 and max(xs) >= 100 * min(xs):
+            ax.set_xscale("log")
+    else:
+        ax.set_xticks(range(len(values)), values)
+    ax.set_xlabel(key)
+    ax.set_ylabel(METRICS.get(metric, metric))
+    ax.set_title(f"{METRICS.get(metric, metric)} vs {key} (mean ± std over completed seeds)", fontsize=9)
+    if len(series) > 1:
+        _legend(ax)
+    return fig
+
+
+def _as_numbers(values: list[str]) -> dict[str, float] | None:
+    try:
+        numbers = {v: float(v) for v in values}
+    except ValueError:
+        return None
+    return numbers if all(math.isfinite(x) for x in numbers.values()) else None
+
+
+def _figure():
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)  # the Agg backend: a PNG file, no display and no pyplot state
+    return fig, fig.add_subplot()
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+# --- everything at once -------------------------------------------------------------------------------------
+
+
+def write_summary(sweep: Sweep, out: Path) -> list[Path]:
+    """summary.md (both tables), summary.csv (per config), jobs.csv (per job) and the PNGs, into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(markdown(sweep))
+    write_csv(config_rows(sweep), out / "summary.csv")
+    write_csv(job_rows(sweep), out / "jobs.csv")
+    figures: dict[str, Callable[[], Figure]] = {"val_loss_curves.png": lambda: plot_curves(sweep)}
+    for key in sweep.swept:
+        figures[f"val_loss_vs_{_file_safe(key)}.png"] = lambda key=key: plot_vs_key(sweep, key)
+    for name, make in figures.items():
+        fig = make()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+    return [out / "summary.md", out / "summary.csv", out / "jobs.csv", *(out / name for name in figures)]
+
+
+def _file_safe(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
