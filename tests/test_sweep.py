@@ -68,7 +68,25 @@ def test_2x2_sweep_gives_4_job_folders_and_4_wandb_runs_in_one_group(sweep_2x2):
     assert len(runs) == 4  # four runs, none merged into another
 
 
-# The LEAD's summary table test goes here: `scripts/summarize_sweep.py` on the `sweep_2x2` fixture, 4 rows.
+def test_summarize_sweep_tables_the_2x2_sweep(sweep_2x2, tmp_path, capsys):
+    """scripts/summarize_sweep.py on the real sweep: 4 configs (one seed each), one row per job in jobs.csv."""
+    import csv
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summarize_sweep", ROOT / "scripts" / "summarize_sweep.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main([str(sweep_2x2), "--out", str(tmp_path)])
+    configs = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    jobs = list(csv.DictReader((tmp_path / "jobs.csv").open()))
+    assert len(configs) == 4 and len(jobs) == 4
+    assert {(c["optimizer.lr"], c["scheduler"]) for c in configs} == {
+        (lr, s) for lr in ("0.001", "0.003") for s in ("cosine", "wsd")
+    }
+    for job in jobs:
+        summary = json.loads((sweep_2x2 / job["job"] / "summary.json").read_text())
+        assert float(job["final_val_loss"]) == pytest.approx(summary["val_loss"])
+    assert capsys.readouterr().out.count("| 1 | ") == 4  # the printed per-config table: 4 rows of 1 seed
 
 
 def test_failed_jobs_are_recorded_and_counted_while_the_others_complete(tmp_path, data_dir):
