@@ -123,12 +123,16 @@ def test_epochs_wrap_around(windows):
     assert torch.equal(batches[len(batches)][0], batches[0][0])
 
 
-def test_validation_windows_split_across_ranks(data_dir):
+@pytest.mark.parametrize("num_windows, world_size", [(10, 2), (7, 2), (5, 4)])
+def test_validation_windows_split_across_ranks(data_dir, num_windows, world_size):
+    """The ranks' real (weight 1) windows are the single process's, each once; every rank gets the same number
+    of batches (padding with weight 0), so that FSDP's per-forward collectives line up."""
     val = TokenWindows(data_dir / "sample", "val", seq_len=32)
-    single = torch.cat([b[0] for b in ValidationBatches(val, num_windows=10, batch_size=3)])
-    parts = [torch.cat([b[0] for b in ValidationBatches(val, 10, 3, rank=r, world_size=2)]) for r in (0, 1)]
-    assert len(parts[0]) == len(parts[1]) == 5
-    assert sorted(map(tuple, torch.cat(parts).tolist())) == sorted(map(tuple, single.tolist()))
+    single = torch.cat([x for x, _, w in ValidationBatches(val, num_windows, batch_size=3) if w == 1])
+    ranks = [list(ValidationBatches(val, num_windows, 3, rank=r, world_size=world_size)) for r in range(world_size)]
+    assert len({len(batches) for batches in ranks}) == 1
+    real = torch.cat([x for batches in ranks for x, _, w in batches if w == 1])
+    assert sorted(map(tuple, real.tolist())) == sorted(map(tuple, single.tolist()))
 
 
 def test_range_sampler_resumes_mid_run():

@@ -13,21 +13,10 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from gptlab.errors import UserInputError
+from gptlab.errors import ConfigError, UserInputError  # noqa: F401 (ConfigError: imported from here too)
 from gptlab.model import ATTENTIONS, INITS, NORM_POSITIONS, NORMS, GPTConfig
 
 GPT2_VOCAB = 50257  # ids the GPT-2 tokenizer can produce; the model's vocab_size must cover them
-
-
-class ConfigError(UserInputError, ValueError):
-    """A user mistake in the config: `key` is the dotted path of the offending value."""
-
-    label = "Config error"
-    status = "config_error"
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 # Optimizer options (gptlab/optim.py). Knobs are named as torch.optim names them; `lr` is the peak LR the
@@ -257,8 +246,35 @@ class DataConfig:
 @dataclass
 class SingleDeviceConfig:
     name: str = "single"
-    strategy: str = "auto"  # Lightning strategy flag
     num_nodes: int = 1
+
+
+@dataclass
+class DDPConfig:
+    """Lightning's DDPStrategy: a replica of the model per process, gradients all-reduced once per optimizer step."""
+
+    name: str = "ddp"  # ddp: Lightning re-runs the command per rank | ddp_spawn: torch.multiprocessing.spawn
+    num_nodes: int = 1
+    process_group_backend: Optional[str] = None  # nccl | gloo; null: nccl on GPUs, gloo on CPUs
+    timeout_min: float = 30.0  # a collective waiting longer than this fails the run instead of hanging
+    find_unused_parameters: bool = False  # every GPT parameter gets a gradient: the extra graph walk is waste
+    gradient_as_bucket_view: bool = True  # gradients are views into the all-reduce buckets: one copy less
+    bucket_cap_mb: float = 25.0  # gradients per all-reduce bucket (PyTorch's default)
+    static_graph: bool = False  # DDP's static_graph: the same graph every step, for some extra overlap
+
+
+@dataclass
+class FSDPConfig:
+    """FSDP2 (torch.distributed.fsdp.fully_shard) through Lightning's ModelParallelStrategy: parameters,
+    gradients and optimizer states sharded over the processes, one FSDP unit per transformer block."""
+
+    name: str = "fsdp"
+    num_nodes: int = 1
+    process_group_backend: Optional[str] = None  # nccl | gloo; null: nccl on GPUs, gloo on CPUs
+    timeout_min: float = 30.0  # a collective waiting longer than this fails the run instead of hanging
+    sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD (ZeRO-3) | SHARD_GRAD_OP (ZeRO-2: no re-gather in backward)
+    reduce_dtype: str = "float32"  # dtype of the gradient reduce-scatter under bf16 (bfloat16: half the traffic)
+    state_dict_type: str = "sharded"  # checkpoints: sharded (a folder, each rank writes its shard) | full (one file)
 
 
 @dataclass
@@ -414,7 +430,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     },
     "precision": {name: PrecisionConfig for name in ("fp32", "tf32", "bf16", "fp16", "bf16_true")},
     "data": {name: DataConfig for name in ("sample", "fineweb_edu", "fineweb", "slimpajama", "local")},
-    "distributed": {"single": SingleDeviceConfig},
+    "distributed": {"single": SingleDeviceConfig, "ddp": DDPConfig, "ddp_spawn": DDPConfig, "fsdp": FSDPConfig},
     "logger": {"wandb": WandbLoggerConfig, "csv": CsvLoggerConfig, "none": NoLoggerConfig},
 }
 
@@ -422,6 +438,10 @@ PRECISION_FLAGS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 WANDB_MODES = ("offline", "online", "disabled")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PROCESS_GROUP_BACKENDS = ("nccl", "gloo")
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP")
+REDUCE_DTYPES = ("float32", "bfloat16")
+STATE_DICT_TYPES = ("sharded", "full")
 PROFILER_SORT_KEYS = (  # columns torch.profiler's key_averages().table(sort_by=...) sorts by
     "self_cpu_time_total", "cpu_time_total", "self_cuda_time_total", "cuda_time_total",
     "self_cpu_memory_usage", "cpu_memory_usage", "self_cuda_memory_usage", "cuda_memory_usage", "count",
@@ -522,11 +542,7 @@ def _check_values(cfg: TrainConfig, plan: RunPlan) -> None:
     _check_scheduler(cfg.scheduler, plan)
     _check_precision(cfg.precision)
     _check_choice("trainer.accelerator", cfg.trainer.accelerator, ACCELERATORS)
-    _require(
-        cfg.distributed.name != "single" or plan.world_size == 1,
-        "trainer.devices",
-        f"distributed=single runs one process on one device (got {plan.world_size} devices)",
-    )
+    _check_distributed(cfg, plan)
     if isinstance(cfg.logger, WandbLoggerConfig):
         _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
     _check_trainer(cfg.trainer)
@@ -630,6 +646,33 @@ def _check_precision(precision: PrecisionConfig) -> None:
     _check_choice("precision.matmul_precision", precision.matmul_precision, MATMUL_PRECISIONS)
 
 
+def _check_distributed(cfg: TrainConfig, plan: RunPlan) -> None:
+    d = cfg.distributed
+    _require(
+        d.name != "single" or plan.world_size == 1,
+        "trainer.devices",
+        f"distributed=single runs one process on one device (got {plan.world_size} devices); "
+        "pick distributed=ddp or distributed=fsdp for more",
+    )
+    if d.name == "single":
+        return
+    _require(d.process_group_backend in (None, *PROCESS_GROUP_BACKENDS), "distributed.process_group_backend",
+             f"must be null, nccl or gloo (got {d.process_group_backend!r})")  # fmt: skip
+    _require(d.timeout_min > 0, "distributed.timeout_min", f"must be > 0 (got {d.timeout_min})")
+    if isinstance(d, DDPConfig):
+        _require(d.bucket_cap_mb > 0, "distributed.bucket_cap_mb", f"must be > 0 (got {d.bucket_cap_mb})")
+        return
+    _check_choice("distributed.sharding_strategy", d.sharding_strategy, SHARDING_STRATEGIES)
+    _check_choice("distributed.reduce_dtype", d.reduce_dtype, REDUCE_DTYPES)
+    _check_choice("distributed.state_dict_type", d.state_dict_type, STATE_DICT_TYPES)
+    _require(
+        cfg.precision.trainer_precision != "16-mixed",
+        "precision",
+        "distributed=fsdp runs fp32, tf32, bf16 or bf16_true; fp16 needs a sharded gradient scaler, which "
+        "Lightning's ModelParallelStrategy does not have (use precision=bf16)",
+    )
+
+
 def _check_eval(ev: EvalConfig) -> None:
     _require(ev.every_n_steps >= 1, "eval.every_n_steps", "must be >= 1")
     _require(ev.val_tokens >= 1, "eval.val_tokens", "must be >= 1")
@@ -712,30 +755,48 @@ def _check_prepare(p: PrepareConfig) -> None:
 
 CHECKPOINTS_DIR = "checkpoints"  # in a run folder: last.ckpt and the periodic step_XXXXXX.ckpt
 LAST_CHECKPOINT = "last.ckpt"  # always the newest checkpoint of the run
+SHARDED_META = "meta.pt"  # in a sharded checkpoint folder: all but the model and optimizer shards (Lightning's name)
 
 
 def check_paths(cfg: TrainConfig) -> TrainConfig:
     """Checks that depend on this machine's files, kept apart so that checkpoints reload anywhere.
-    Returns cfg with ckpt_path resolved to a checkpoint file."""
+    Returns cfg with ckpt_path resolved to a checkpoint file (or sharded checkpoint folder)."""
     if cfg.ckpt_path is None:
         return cfg
-    return dataclasses.replace(cfg, ckpt_path=resolve_ckpt_path(cfg.ckpt_path))
+    resolved = resolve_ckpt_path(cfg.ckpt_path, sharded_ok=cfg.distributed.name == "fsdp")
+    return dataclasses.replace(cfg, ckpt_path=resolved)
 
 
-def resolve_ckpt_path(path: str) -> str:
-    """A .ckpt file, or a run folder meaning its checkpoints/last.ckpt. Resuming must never silently start
-    from scratch (Lightning does so for ckpt_path="last"), so anything else is an error."""
-    if os.path.isdir(path):
+def resolve_ckpt_path(path: str, sharded_ok: bool = True) -> str:
+    """A checkpoint (a .ckpt file or a sharded checkpoint folder), or a run folder meaning its
+    checkpoints/last.ckpt (either kind). Resuming must never silently start from scratch (Lightning does so
+    for ckpt_path="last"), so anything else is an error. sharded_ok=False: this run cannot load a sharded one."""
+    if os.path.isdir(path) and not is_sharded_checkpoint(path):
         last = os.path.join(path, CHECKPOINTS_DIR, LAST_CHECKPOINT)
         _require(
-            os.path.isfile(last),
+            os.path.isfile(last) or is_sharded_checkpoint(last),
             "ckpt_path",
             f"the folder {path} has no {CHECKPOINTS_DIR}/{LAST_CHECKPOINT} to resume from "
-            "(give a run folder or a .ckpt file)",
+            "(give a run folder, a .ckpt file or a sharded checkpoint folder)",
         )
-        return last
-    _require(os.path.isfile(path), "ckpt_path", f"no checkpoint file or run folder at {path}")
+        path = last
+    _require(
+        os.path.isfile(path) or is_sharded_checkpoint(path),
+        "ckpt_path",
+        f"no checkpoint file, sharded checkpoint folder or run folder at {path}",
+    )
+    _require(
+        sharded_ok or not is_sharded_checkpoint(path),
+        "ckpt_path",
+        f"{path} is a sharded checkpoint (a folder written by distributed=fsdp): resume it with distributed=fsdp "
+        "on as many devices, or load its weights with gptlab.checkpoint.load_gpt",
+    )
     return path
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """A folder of checkpoint shards, as distributed=fsdp writes with state_dict_type=sharded (Lightning's test)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, SHARDED_META))
 
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -10,6 +10,17 @@ class UserInputError(Exception):
     status = "failed"  # summary.json's status for a run that ends with this error
 
 
+class ConfigError(UserInputError, ValueError):
+    """A user mistake in the config: `key` is the dotted path of the offending value."""
+
+    label = "Config error"
+    status = "config_error"
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
 class DataError(UserInputError):
     """A data or tokenizer file that is missing, damaged or inconsistent with the config."""
 

@@ -16,17 +16,29 @@ from lightning.pytorch.utilities import rank_zero_only
 from gptlab.callbacks.hellaswag import HellaSwagEval
 from gptlab.callbacks.monitor import TrainingMonitor
 from gptlab.callbacks.profiler import TorchProfiler
+from gptlab.callbacks.results import RunResults, read_results
 from gptlab.callbacks.stopping import StoppingThreshold
 from gptlab.callbacks.throughput import ThroughputMonitor
 from gptlab.config import CHECKPOINTS_DIR, RunPlan, TrainConfig
 from gptlab.data.datamodule import TokenDataModule
+from gptlab.distributed import build_strategy
+from gptlab.launch import external_launcher, spawned_rank_errors
 from gptlab.loggers import build_loggers
 from gptlab.module import GPTModule
 from gptlab.provenance import write_provenance
 from gptlab.resume import AtomicCheckpointIO, RandomState, RunCheckpoint
+from gptlab.sweep import in_multirun
 
 # Lightning 2.6 on torch 2.13 warns on every run about an internal use of a deprecated torch API.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# Under DDP, Lightning suggests sync_dist for epoch-level logs: val/loss is reduced over ranks already, and
+# "step" is the same on every rank.
+warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\('(val/loss|step)'")
+
+SUMMARY_RESULTS = (
+    "train_loss", "val_loss", "val_loss_initial", "hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n", "tokens_per_s",
+)  # fmt: skip
+
 # Resuming mid-epoch, Lightning warns that the loader is not resumable: TokenDataModule restores its position.
 warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
 
@@ -44,24 +56,23 @@ def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
     loggers = build_loggers(cfg, run_dir, run_name=",".join(overrides) or run_dir.name)
     for logger in loggers:
         logger.log_hyperparams({**config, "overrides": overrides, "choices": choices, "plan": asdict(plan)})
+    callbacks[RunResults] = RunResults(throughput, hellaswag)  # last: it reads what the others measured
     trainer = _build_trainer(cfg, plan, run_dir, loggers, [c for c in callbacks.values() if c is not None])
     _print_header(cfg, plan, module, trainer, run_dir, choices)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    if module.last_val_step != trainer.global_step:  # the last step was no validation step
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    train_loss = module.last_train_loss
-    scores = (hellaswag and hellaswag.result) or {}
-    return {
-        "step": trainer.global_step,
-        "tokens": trainer.global_step * plan.tokens_per_step,
-        "train_loss": None if train_loss is None else float(train_loss),
-        "val_loss": module.last_val_loss,
-        "val_loss_initial": module.initial_val_loss,
-        "hellaswag_acc": scores.get("acc"),
-        "hellaswag_acc_norm": scores.get("acc_norm"),
-        "hellaswag_n": scores.get("n"),
-        "tokens_per_s": throughput.median_rate(),
+    with spawned_rank_errors():  # a spawned rank's diverged run is reported as diverged, not as a traceback
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        results = read_results(trainer)
+        if results.get("val_step") != results.get("step"):  # no steps left to train (RunResults validates the last)
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            results["val_loss"] = read_results(trainer).get("val_loss")
+    step = int(results.get("step", 0))
+    summary = {key: results.get(key) for key in SUMMARY_RESULTS}
+    hellaswag_n = summary["hellaswag_n"]
+    return summary | {
+        "step": step,
+        "tokens": step * plan.tokens_per_step,
+        "hellaswag_n": None if hellaswag_n is None else int(hellaswag_n),
         "params": module.model.num_params(),
         "run_dir": str(run_dir),
     }
@@ -90,7 +101,9 @@ def _build_trainer(cfg: TrainConfig, plan: RunPlan, run_dir: Path, loggers: list
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.distributed.num_nodes,
-        strategy=cfg.distributed.strategy,
+        # Inside a multirun Lightning must not re-run the command line for DDP's ranks: that is the sweep
+        # (Lightning #11300). Spawned ranks never see it. torchrun/srun ranks are started outside, as they are.
+        strategy=build_strategy(cfg, spawn=in_multirun() and external_launcher() is None),
         **_with_checkpoint_io(_precision_args(cfg)),
         max_steps=plan.total_steps,
         accumulate_grad_batches=plan.grad_accum,
@@ -161,6 +174,14 @@ def _architecture(m) -> str:
     return ", ".join(parts)
 
 
+def _parallelism(cfg: TrainConfig) -> str:
+    d = cfg.distributed
+    nodes = f" on {d.num_nodes} nodes" if d.num_nodes > 1 else ""
+    if d.name == "fsdp":
+        return f"fsdp {d.sharding_strategy}, {d.state_dict_type} checkpoints{nodes}"
+    return f"{d.name}{nodes}"
+
+
 @rank_zero_only
 def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, run_dir: Path, choices) -> None:
     d = cfg.data
@@ -172,11 +193,13 @@ def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, r
         f"           {_architecture(cfg.model)}",
         f"batch      {plan.tokens_per_step:,} tokens/step = micro-batch {d.micro_batch_size} x seq {d.seq_len} "
         f"x {plan.world_size} device(s) x {plan.grad_accum} accumulation step(s)",
+        "           global_batch_tokens fixes the optimization: more devices or a larger micro-batch mean fewer "
+        "accumulation steps, the same updates",
         f"budget     {plan.total_steps:,} steps = {plan.total_tokens:,} tokens; lr {cfg.optimizer.lr:g} "
         f"({choices.get('optimizer', cfg.optimizer.name)}, {choices.get('scheduler', cfg.scheduler.name)}, "
         f"warmup {cfg.scheduler.warmup_steps})",
         f"hardware   {trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x "
-        f"{plan.world_size}, precision {cfg.precision.name} ({cfg.precision.trainer_precision}), "
+        f"{plan.world_size} ({_parallelism(cfg)}), precision {cfg.precision.name} ({cfg.precision.trainer_precision}), "
         f"torch {torch.__version__}, python {platform.python_version()}",
         f"data       {d.name} ({d.dir}), {'documents shuffled each epoch' if d.shuffle else 'read in order'}; "
         f"validation {cfg.eval.val_tokens:,} tokens every {cfg.eval.every_n_steps} steps",

@@ -4,6 +4,7 @@ import lightning as L
 import torch
 
 from gptlab.config import load_config
+from gptlab.distributed import full_tensor, shard_gpt
 from gptlab.model import GPT
 from gptlab.optim import build_optimizer
 from gptlab.schedules import build_scheduler
@@ -17,15 +18,24 @@ class GPTModule(L.LightningModule):
         self.save_hyperparameters(logger=False)  # train.py logs the config itself, with the overrides
         self.cfg, self.plan = load_config(config)
         self.model = GPT(self.cfg.model)
-        if self.cfg.model.compile:  # in place: state_dict keys, checkpoints and callbacks see the plain GPT
-            self.model.compile()
         self._train_loss_sum = torch.zeros(())  # over the micro-steps of the current optimizer step
         self._val_sums = torch.zeros(2)  # summed token loss, token count
-        self.last_train_loss: torch.Tensor | None = None  # this optimizer step's loss, mean over micro-steps
+        self.last_train_loss: torch.Tensor | None = None  # this optimizer step's loss, mean over micro-steps and ranks
         self.grad_norm: torch.Tensor | None = None  # this step's, before clipping (TrainingMonitor measures it)
         self.last_val_loss: float | None = None
         self.last_val_step: int | None = None  # the optimizer step last_val_loss was measured at
         self.initial_val_loss: float | None = None
+        self._configured = False
+
+    def configure_model(self) -> None:
+        """Once the processes are set up (Lightning calls this again for each fit/validate: the work is done once)."""
+        if self._configured:
+            return
+        self._configured = True
+        if self.device_mesh is not None:  # distributed=fsdp: shard (and compile) block by block
+            shard_gpt(self.model, self.device_mesh["data_parallel"], self.cfg)
+        elif self.cfg.model.compile:  # in place: state_dict keys, checkpoints and callbacks see the plain GPT
+            self.model.compile()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return self.model(idx, targets)
@@ -34,9 +44,9 @@ class GPTModule(L.LightningModule):
         x, y = batch
         _, loss = self.model(x, y)
         self._train_loss_sum += loss.detach()
-        if (batch_idx + 1) % self.plan.grad_accum == 0:  # last micro-step: log the mean over micro-steps
-            mean = self._train_loss_sum / self.plan.grad_accum
-            self.log("train/loss", mean, prog_bar=True, sync_dist=True)  # sync_dist: mean over ranks
+        if (batch_idx + 1) % self.plan.grad_accum == 0:  # last micro-step: the mean over micro-steps and ranks
+            mean = self.trainer.strategy.reduce(self._train_loss_sum / self.plan.grad_accum, reduce_op="mean")
+            self.log("train/loss", mean, prog_bar=True)  # the same on every rank, so callbacks decide alike
             # "step" is the loggers' x-axis and names checkpoints: the optimizer steps completed once this
             # micro-step's update is applied (Lightning's own step would be one less).
             # CPU tensors: a Python float would be copied to the GPU, a host sync in the middle of the step.
@@ -47,17 +57,22 @@ class GPTModule(L.LightningModule):
             self._train_loss_sum = torch.zeros((), device=self.device)
         return loss  # Lightning divides by grad_accum before backward
 
+    def on_train_start(self) -> None:
+        # Also here: a run resumed mid-epoch gets no on_train_epoch_start, and a spawned rank must not add into
+        # the tensor made in __init__ (spawn shares it between the ranks).
+        self._train_loss_sum = torch.zeros((), device=self.device)
+
     def on_train_epoch_start(self) -> None:
         self._train_loss_sum = torch.zeros((), device=self.device)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(2, device=self.device)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y, weight = batch  # weight 0: a padding batch (see ValidationBatches)
         _, loss = self.model(x, y)
-        self._val_sums[0] += loss.detach() * y.numel()
-        self._val_sums[1] += y.numel()
+        self._val_sums[0] += weight * loss.detach() * y.numel()
+        self._val_sums[1] += weight * y.numel()
 
     def on_validation_epoch_end(self) -> None:
         # Token-weighted mean over every rank's share of the fixed validation windows.
@@ -93,5 +108,5 @@ class GPTModule(L.LightningModule):
         params = [p for p in self.parameters() if p.grad is not None]  # none when the monitor skipped the step
         if self.cfg.grad_clip > 0 and params:
             if norm is None:  # no TrainingMonitor in this Trainer
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)

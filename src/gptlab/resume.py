@@ -17,6 +17,8 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from gptlab.config import SHARDED_META, is_sharded_checkpoint
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save into a temporary file next to the target, fsync, then rename it over the target: readers
@@ -129,5 +131,8 @@ def set_rng_states(states: dict) -> None:
 
 
 def checkpoint_step(path: str | Path) -> int:
-    """The optimizer step a checkpoint was saved at, read without loading its tensors."""
+    """The optimizer step a checkpoint (a file, or a sharded checkpoint folder) was saved at, read without
+    loading its tensors: a sharded checkpoint keeps the step in its meta.pt."""
+    if is_sharded_checkpoint(path):
+        path = Path(path) / SHARDED_META
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])

@@ -6,17 +6,18 @@ reported in about a second.
 
 import json
 import math
-import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.config import check_paths, load_config
 from gptlab.data.shards import atomic_write_bytes
 from gptlab.errors import UserInputError
+from gptlab.launch import check_launch, global_rank
 from gptlab.sweep import SUMMARY_FILE, in_multirun
 
 SUMMARY_KEYS = (
@@ -37,6 +38,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         train_cfg, plan = load_config(cfg)
         train_cfg = check_paths(train_cfg)  # ckpt_path: a run folder becomes its checkpoints/last.ckpt
+        check_launch(train_cfg, in_multirun(), _hydra_launcher())  # torchrun/srun started what the config says
         from gptlab.fit import fit  # Lightning takes seconds to import: only once the config is known good
 
         summary.update(fit(train_cfg, plan, OmegaConf.to_container(cfg, resolve=True), run_dir))
@@ -70,8 +72,12 @@ def _finish_wandb(exit_code: int) -> None:
         wandb.finish(exit_code=exit_code)
 
 
+def _hydra_launcher() -> str | None:
+    return HydraConfig.get().runtime.choices.get("hydra/launcher") if HydraConfig.initialized() else None
+
+
 def _write_summary(run_dir: Path, summary: dict) -> None:
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) != 0:
+    if global_rank() != 0:
         return  # only rank 0 writes the summary
     run_dir.mkdir(parents=True, exist_ok=True)
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from gptlab.config import MonitorConfig
+from gptlab.distributed import full_tensor
 from gptlab.errors import UserInputError
 
 
@@ -44,7 +45,7 @@ class TrainingMonitor(L.Callback):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)  # fused optimizers unscale inside step(): Lightning left it to them
         step = trainer.global_step + 1  # the step this update completes, as the loggers count
-        norm = torch.nn.utils.get_total_norm([p.grad for p in pl_module.parameters() if p.grad is not None])
+        norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in pl_module.parameters() if p.grad is not None]))
         pl_module.grad_norm = norm  # configure_gradient_clipping clips with it: measured once per step
 
         on_device = {"loss": pl_module.last_train_loss, "grad_norm": norm}
@@ -189,4 +190,4 @@ def update_ratios(now: dict[str, list[nn.Parameter]], before: dict[str, list[tor
 
 
 def _norm(t: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32)  # fp32 accumulation, also for bf16
+    return full_tensor(torch.linalg.vector_norm(t.detach(), dtype=torch.float32))  # fp32 accumulation, also for bf16

@@ -19,8 +19,7 @@ class StoppingThreshold(L.Callback):
         if step == self._last_step or pl_module.last_train_loss is None:  # still accumulating micro-batches
             return
         self._last_step = step
-        # the logged train/loss: this step's mean over micro-steps and ranks (every rank takes the same decision)
-        loss = float(trainer.strategy.reduce(pl_module.last_train_loss, reduce_op="mean"))
+        loss = float(pl_module.last_train_loss)  # the mean over micro-steps and ranks: every rank decides alike
         if loss < self.threshold:
             self.reached_at = step
             trainer.should_stop = True

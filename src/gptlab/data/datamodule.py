@@ -69,11 +69,12 @@ class TokenDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        B, T = self.cfg.micro_batch_size, self.cfg.seq_len
+        B, T, accum = self.cfg.micro_batch_size, self.cfg.seq_len, self.plan.grad_accum
         if self.cfg.shuffle:
-            batches = ShuffledBatches(self.folder, T, B, self.shuffle_seed, rank, world, self.cfg.align_to_documents)
+            align = self.cfg.align_to_documents
+            batches = ShuffledBatches(self.folder, T, B, self.shuffle_seed, rank, world, align, accumulation=accum)
         else:
-            batches = SequentialBatches(TokenWindows(self.folder, "train", T), B, rank, world)
+            batches = SequentialBatches(TokenWindows(self.folder, "train", T), B, rank, world, accumulation=accum)
         if self.cfg.overfit_batches:
             batches = FirstBatches(batches, self.cfg.overfit_batches)
         stop = self.plan.total_steps * self.plan.grad_accum

@@ -38,17 +38,32 @@ class TokenWindows:
         return batch[:, :-1], batch[:, 1:]
 
 
-class SequentialBatches(Dataset):
-    """Item i: micro-batch i of rank `rank`, taking windows in order and wrapping at the end of an epoch."""
+def epoch_batches(num_sequences: int, batch_size: int, world_size: int, accumulation: int) -> int:
+    """Micro-batches per rank in an epoch: whole optimizer steps of `accumulation` micro-batches (the last
+    sequences that do not fill a step go unread). So every step reads the same sequences, epoch after epoch,
+    however the global batch is split into devices x micro-batch x accumulation."""
+    return num_sequences // (batch_size * world_size * accumulation) * accumulation
 
-    def __init__(self, windows: TokenWindows, batch_size: int, rank: int = 0, world_size: int = 1):
+
+def too_few(num_sequences: int, seq_len: int, batch_size: int, world_size: int, accumulation: int) -> str:
+    times = f", {accumulation} times (one optimizer step)" if accumulation > 1 else ""
+    return (
+        f"{num_sequences} training sequences of {seq_len} tokens are too few for one micro-batch of "
+        f"{batch_size} on each of {world_size} devices{times}"
+    )
+
+
+class SequentialBatches(Dataset):
+    """Item i: micro-batch i of rank `rank`, taking windows in order and wrapping at the end of an epoch
+    (`accumulation`: micro-batches per optimizer step; an epoch is a whole number of steps)."""
+
+    def __init__(
+        self, windows: TokenWindows, batch_size: int, rank: int = 0, world_size: int = 1, accumulation: int = 1
+    ):
         self.windows, self.batch_size, self.rank, self.world_size = windows, batch_size, rank, world_size
-        self.batches_per_epoch = len(windows) // (batch_size * world_size)
+        self.batches_per_epoch = epoch_batches(len(windows), batch_size, world_size, accumulation)
         if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"{len(windows)} training sequences are too few for one micro-batch of "
-                f"{batch_size} on each of {world_size} devices"
-            )
+            raise ValueError(too_few(len(windows), windows.seq_len, batch_size, world_size, accumulation))
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -59,18 +74,26 @@ class SequentialBatches(Dataset):
 
 
 class ValidationBatches(Dataset):
-    """The first `num_windows` validation windows, split across ranks (window w goes to rank w % world)."""
+    """The first `num_windows` validation windows, split across ranks (window w goes to rank w % world).
+
+    Item i is (inputs, targets, weight). Every rank gets the same number of batches: a rank with fewer
+    windows ends with a padding batch of weight 0, because under FSDP each forward pass gathers parameters
+    with all ranks, and a rank that stopped early would leave the others waiting."""
 
     def __init__(self, windows: TokenWindows, num_windows: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        per_rank = -(-num_windows // world_size)  # the most windows any rank has
         mine = np.arange(rank, num_windows, world_size)
         self.batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+        self.num_real = len(self.batches)
+        self.batches += [np.arange(1)] * (-(-per_rank // batch_size) - self.num_real)  # window 0, weight 0
         self.windows = windows
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.windows.get(self.batches[i])
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = self.windows.get(self.batches[i])
+        return x, y, torch.tensor(1.0 if i < self.num_real else 0.0)
 
 
 class RangeSampler(Sampler[int]):

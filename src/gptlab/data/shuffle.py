@@ -9,7 +9,9 @@ document that continues into the next shard is simply a longer range. Epoch e:
    token is an input exactly once, except the last few that do not fill a sequence; a document
    longer than seq_len just continues into the next sequence.
 3. Sequences are dealt out as in `SequentialBatches`: micro-batch i of rank r holds sequences
-   [(i * world_size + r) * B, ... + B), so the ranks together read exactly the single-process epoch.
+   [(i * world_size + r) * B, ... + B), so the ranks together read exactly the single-process epoch;
+   an epoch ends on an optimizer step, so each step reads the same sequences for any devices and
+   micro-batch with the same global batch.
 
 Item i is micro-batch i % len of epoch i // len; it depends on i alone, so resuming is exact.
 
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from gptlab.data.loader import epoch_batches, too_few
 from gptlab.data.shards import ShardError, read_doc_starts, read_manifest, read_shard, split_shards
 
 CHUNK_DOCS = 1 << 18  # documents handled at a time when building an epoch's tables (~15 MB)
@@ -123,6 +126,7 @@ class ShuffledBatches(Dataset):
         rank: int = 0,
         world_size: int = 1,
         align_to_documents: bool = False,
+        accumulation: int = 1,  # micro-batches per optimizer step: an epoch is a whole number of steps
     ):
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size, self.align = rank, world_size, align_to_documents
@@ -140,12 +144,10 @@ class ShuffledBatches(Dataset):
         # An aligned start may move up to seq_len forward, so aligned sequence s ends before start s + 2.
         self.lookahead = 2 if align_to_documents else 1
         self.num_sequences = self.num_starts - self.lookahead
-        self.batches_per_epoch = self.num_sequences // (batch_size * world_size)
+        sequences = max(self.num_sequences, 0)
+        self.batches_per_epoch = epoch_batches(sequences, batch_size, world_size, accumulation)
         if self.batches_per_epoch == 0:
-            raise ShardError(
-                f"{folder}: {max(self.num_sequences, 0)} training sequences of {seq_len} tokens are too few "
-                f"for one micro-batch of {batch_size} on each of {world_size} devices"
-            )
+            raise ShardError(f"{folder}: {too_few(sequences, seq_len, batch_size, world_size, accumulation)}")
         self._tokens: TrainTokens | None = None  # opened lazily, in the process that reads
         self._order: tuple[int, EpochOrder] | None = None  # the current epoch only
 

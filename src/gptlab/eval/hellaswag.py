@@ -199,22 +199,28 @@ def predict(
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
     block_size: int | None = None,
+    min_batches: int = 0,
 ) -> torch.Tensor:
     """(len(examples), 2) predicted ending per example: column 0 by summed loss, column 1 by mean loss.
 
     batch_size: examples per forward pass (4 * batch_size rows, always: short batches get dummy rows).
-    block_size: longest row, default model.config.block_size (pass it for a wrapped model)."""
+    block_size: longest row, default model.config.block_size (pass it for a wrapped model).
+    min_batches: run at least this many forward passes; the extra ones score a dummy batch and are discarded
+    (under FSDP every forward pass gathers parameters from all ranks, so all ranks must run as many)."""
     block_size = block_size or unwrap(model).config.block_size
     device = torch.device(device)
     rows = [example_rows(example, block_size) for example in examples]
     order = sorted(range(len(examples)), key=lambda i: max(len(tokens) for tokens, _ in rows[i]))
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    chunks += [[]] * (min_batches - len(chunks))  # padding: no examples
     predictions = torch.zeros(len(examples), 2, dtype=torch.long)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch_rows = [row for i in chunk for row in rows[i]]
+    for chunk in chunks:
+        batch_rows = [row for i in chunk for row in rows[i]] or [([0], 1)]  # padding: one 1-token dummy row
         tokens, positions, real = (t.to(device) for t in make_batch(batch_rows, N_ENDINGS * batch_size, block_size))
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits, _ = model(tokens, positions=positions)  # logits where an ending token is predicted, only
+        if not chunk:
+            continue
         summed, mean = ending_losses(logits, tokens, positions, real)
         n = len(chunk)
         predictions[chunk, 0] = summed[: N_ENDINGS * n].view(n, N_ENDINGS).argmin(1).cpu()
@@ -236,14 +242,18 @@ def evaluate(
 
     Under torch.distributed each rank scores examples[rank::world] and the counts are summed over ranks, so
     every rank returns the single-process result; call it on every rank, with the bare model (not the DDP
-    wrapper, whose forward may communicate a different number of times on each rank)."""
+    wrapper, whose forward may communicate a different number of times on each rank). Every rank runs as
+    many forward passes as rank 0, which has the most examples: an FSDP model gathers parameters in each."""
     examples = examples[:limit] if limit is not None else examples
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = examples[rank::world]
+    batches = -(-len(examples[0::world]) // batch_size)
     was_training = model.training
     model.eval()
     try:
-        predictions = predict(model, mine, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype)
+        predictions = predict(
+            model, mine, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, min_batches=batches
+        )
     finally:
         model.train(was_training)
     labels = torch.tensor([example.label for example in mine], dtype=torch.long)
