@@ -12,12 +12,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from gptlab.callbacks.throughput import METRICS as THROUGHPUT_METRICS
 from gptlab.checkpoint import load_gpt
 from gptlab.provenance import DIFF_FILE, PROVENANCE_FILE, config_differences, rerun_overrides, write_provenance
 from gptlab.train import run
 from tests.conftest import CONF, ROOT, compose_train
 
-TIMING_KEYS = {"tokens_per_s"}  # wall-clock measurements: the only logged values that differ between two runs
+TIMING_KEYS = set(THROUGHPUT_METRICS)  # wall-clock measurements: the only logged values that differ between two runs
 DROPOUT = ["model.embd_dropout=0.1", "model.attn_dropout=0.1", "model.resid_dropout=0.1"]  # draws from the RNG
 
 

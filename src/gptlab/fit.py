@@ -22,6 +22,7 @@ from gptlab.callbacks.throughput import ThroughputMonitor
 from gptlab.config import CHECKPOINTS_DIR, RunPlan, TrainConfig
 from gptlab.data.datamodule import TokenDataModule
 from gptlab.distributed import build_strategy
+from gptlab.flops import flops_per_token, precision_kind
 from gptlab.launch import external_launcher, spawned_rank_errors
 from gptlab.loggers import build_loggers
 from gptlab.module import GPTModule
@@ -37,6 +38,7 @@ warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log
 
 SUMMARY_RESULTS = (
     "train_loss", "val_loss", "val_loss_initial", "hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n", "tokens_per_s",
+    "samples_per_s", "step_time_ms", "mfu",
 )  # fmt: skip
 
 # Resuming mid-epoch, Lightning warns that the loader is not resumable: TokenDataModule restores its position.
@@ -83,7 +85,11 @@ def _build_callbacks(cfg: TrainConfig, plan: RunPlan, run_dir: Path) -> dict[typ
     h = cfg.eval.hellaswag
     stop_below, profiler = cfg.trainer.stopping_threshold, cfg.callbacks.profiler
     return {
-        ThroughputMonitor: ThroughputMonitor(plan.tokens_per_step, cfg.trainer.log_every_n_steps),
+        ThroughputMonitor: ThroughputMonitor(
+            plan.tokens_per_step, cfg.trainer.log_every_n_steps, cfg.data.seq_len,
+            flops_per_token(cfg.model, cfg.data.seq_len),
+            precision_kind(cfg.precision.trainer_precision, cfg.precision.matmul_precision),
+        ),  # fmt: skip
         TrainingMonitor: TrainingMonitor(cfg.callbacks.monitor),  # always on: NaN guard, norms for clipping
         ModelCheckpoint: _checkpoint_callback(cfg, run_dir),
         RandomState: RandomState(),  # RNG states in checkpoints; evaluation leaves the training stream alone

@@ -23,7 +23,7 @@ from gptlab.sweep import SUMMARY_FILE, in_multirun
 SUMMARY_KEYS = (
     "status", "step", "tokens", "train_loss", "val_loss", "val_loss_initial",
     "hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n",
-    "tokens_per_s", "wall_s", "seed", "params", "run_dir", "error",
+    "tokens_per_s", "samples_per_s", "step_time_ms", "mfu", "wall_s", "seed", "params", "run_dir", "error",
 )  # fmt: skip
 
 

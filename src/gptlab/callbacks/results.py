@@ -33,7 +33,7 @@ class RunResults(L.Callback):
             "hellaswag_acc": scores.get("acc"),
             "hellaswag_acc_norm": scores.get("acc_norm"),
             "hellaswag_n": scores.get("n"),
-            "tokens_per_s": self.throughput.median_rate(),
+            **self.throughput.medians(),  # tokens_per_s, samples_per_s, step_time_ms, mfu (not on CPU)
         })  # fmt: skip
 
     def on_validation_end(self, trainer, pl_module) -> None:
