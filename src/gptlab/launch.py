@@ -45,8 +45,6 @@ def launcher_world() -> tuple[int, int]:
 
 def global_rank() -> int:
     """This process's rank: Lightning's once it has set up the processes, else the launcher's environment's."""
-    import sys
-
     rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
     if rank_zero is not None:  # Lightning read the environment when imported and knows spawned ranks too
         return int(rank_zero.rank_zero_only.rank)
