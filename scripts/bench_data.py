@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gptlab.config import DataConfig, PrepareConfig
+from gptlab.data.config import DataConfig, PrepareConfig
 from gptlab.data.loader import SequentialBatches, TokenWindows
 from gptlab.data.prepare import prepare_dataset
 from gptlab.data.sample import sample_documents

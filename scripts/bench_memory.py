@@ -23,14 +23,18 @@ from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
 from gptlab.model import GPT, GPTConfig
+from gptlab.schema import check, typed
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
 
 
 def model_config(name: str, overrides: list[str]) -> GPTConfig:
-    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), OmegaConf.from_dotlist(overrides))
-    return GPTConfig(**OmegaConf.to_container(cfg))
+    """conf/model/<name>.yaml on top of GPTConfig's defaults, then the overrides, checked by the model's rules."""
+    option = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml") or {}
+    config = typed(GPTConfig, OmegaConf.merge(option, OmegaConf.from_dotlist(overrides)), "model")
+    check(config, "model.")
+    return config
 
 
 def autocast(device: str, precision: str):

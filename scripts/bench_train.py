@@ -32,7 +32,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from gptlab.config import load_config  # noqa: E402
 from gptlab.data.datamodule import TokenDataModule  # noqa: E402
@@ -40,7 +39,6 @@ from gptlab.fit import _build_callbacks, _build_trainer  # noqa: E402
 from gptlab.loggers import build_loggers  # noqa: E402
 from gptlab.model import GPT  # noqa: E402
 from gptlab.module import GPTModule  # noqa: E402
-from gptlab.optim import build_optimizer  # noqa: E402
 from gptlab.schedules import build_scheduler  # noqa: E402
 
 BENCH_KEYS = {"steps": 20, "rounds": 3, "warmup": 3}  # the benchmark's own arguments; the rest go to Hydra
@@ -102,7 +100,7 @@ def run_gptlab(cfg, warmup: int, steps: int, run_dir: Path) -> float:
     train_cfg, plan = load_config(cfg)
     L.seed_everything(train_cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(train_cfg.precision.matmul_precision)
-    module = GPTModule(OmegaConf.to_container(cfg, resolve=True))
+    module = GPTModule(train_cfg, plan)
     datamodule = TokenDataModule(train_cfg.data, train_cfg.eval, plan, train_cfg.seed)
     callbacks = [c for c in _build_callbacks(train_cfg, plan, run_dir).values() if c is not None]
     clock = StepClock(warmup, warmup + steps)
@@ -132,7 +130,7 @@ def run_plain(cfg, warmup: int, steps: int, device: torch.device) -> float:
     model = GPT(train_cfg.model).to(device, dtype=torch.bfloat16 if flag == "bf16-true" else None)
     if train_cfg.model.compile:
         model.compile()
-    optimizer = build_optimizer(model, train_cfg.optimizer)
+    optimizer = train_cfg.optimizer.build(model)
     scheduler = build_scheduler(optimizer, train_cfg.scheduler, plan.total_steps, train_cfg.model.n_embd)
     amp_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(flag)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()

@@ -14,44 +14,44 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.checkpoint import load_model
-from gptlab.config import ConfigError
-from gptlab.errors import DataError, exit_on_user_error
-from gptlab.eval.hellaswag import evaluate, hellaswag_file, load_examples
+from gptlab.errors import ConfigError, DataError, exit_on_config_error, exit_on_user_error
+from gptlab.eval.config import HellaSwagFileConfig
+from gptlab.eval.hellaswag import EvalHellaSwagConfig, evaluate, hellaswag_file, load_examples
+from gptlab.schema import load
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GPTLAB_ROOT", str(ROOT))
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@exit_on_config_error
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="eval_hellaswag")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run(load(EvalHellaSwagConfig, cfg))
 
 
-def run(cfg: DictConfig) -> None:
-    if cfg.checkpoint is None:
-        raise ConfigError("checkpoint", "set checkpoint=<a .ckpt file, a Hugging Face GPT-2 folder or a hub name such as gpt2>")
+def run(cfg: EvalHellaSwagConfig) -> None:
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    dtype = resolve_dtype(cfg.dtype, device)
     examples = load_examples(data_file(cfg.eval.hellaswag))
     model = load_model(cfg.checkpoint, map_location=device)
     if cfg.compile:
         model = torch.compile(model)
     started = time.time()
     result = evaluate(
-        model, examples, batch_size=cfg.batch_size, device=device, autocast_dtype=PRECISIONS[precision], limit=cfg.limit
+        model, examples, batch_size=cfg.batch_size, device=device, autocast_dtype=AUTOCAST_DTYPES[dtype], limit=cfg.limit
     )
     seconds = time.time() - started
     print(f"HellaSwag (validation, completion style) of {cfg.checkpoint}")
-    print(f"  {'device':<10}{device} ({precision}, batch_size={cfg.batch_size}, compile={cfg.compile})")
+    print(f"  {'device':<10}{device} ({dtype}, batch_size={cfg.batch_size}, compile={cfg.compile})")
     print(f"  {'examples':<10}{result['n']:,} in {seconds:.1f} s ({result['n'] / max(seconds, 1e-9):,.1f}/s)")
     print(f"  {'acc':<10}{result['acc']:.4f} ({result['correct']:,} correct)")
     print(f"  {'acc_norm':<10}{result['acc_norm']:.4f} ({result['correct_norm']:,} correct)")
     print(json.dumps({key: result[key] for key in ("acc", "acc_norm", "n")}))
 
 
-def data_file(hellaswag: DictConfig) -> Path:
+def data_file(hellaswag: HellaSwagFileConfig) -> Path:
     cache_dir = Path(hellaswag.cache_dir)
     path = hellaswag_file(hellaswag.path, cache_dir, download=hellaswag.download)
     if path is None:
@@ -71,11 +71,9 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def resolve_precision(name: str, device: str) -> str:
+def resolve_dtype(name: str, device: str) -> str:
     if name == "auto":
         return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
-    if name not in PRECISIONS:
-        raise ConfigError("precision", f"unknown option {name!r}; choose one of: auto, {', '.join(PRECISIONS)}")
     return name
 
 

@@ -12,26 +12,22 @@ import hydra
 from omegaconf import DictConfig
 
 from gptlab.checkpoint import load_gpt
-from gptlab.config import ConfigError
-from gptlab.errors import exit_on_user_error
-from gptlab.hf import export_hf
+from gptlab.errors import exit_on_config_error, exit_on_user_error
+from gptlab.hf import ExportHFConfig, export_hf
+from gptlab.schema import load
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GPTLAB_ROOT", str(ROOT))
 
 
+@exit_on_config_error
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="export_hf")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    export(cfg)
+    export(load(ExportHFConfig, cfg))
 
 
-def export(cfg: DictConfig) -> None:
-    for key in ("checkpoint", "out"):
-        if cfg[key] is None:
-            raise ConfigError(key, "is required: python scripts/export_hf.py checkpoint=<.ckpt> out=<folder>")
-    if not isinstance(cfg.vocab_size, int) or cfg.vocab_size < 1:
-        raise ConfigError("vocab_size", f"must be a positive integer (got {cfg.vocab_size!r})")
+def export(cfg: ExportHFConfig) -> None:
     model = load_gpt(cfg.checkpoint)
     folder = export_hf(model, Path(cfg.out), vocab_size=cfg.vocab_size)
     print(f"Exported {cfg.checkpoint} ({model.num_params():,} parameters) to {folder} as a Hugging Face GPT-2")

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from omegaconf import open_dict
 
 from gptlab.config import ConfigError, load_config
-from gptlab.errors import exit_on_user_error
+from gptlab.errors import composition_error, exit_on_user_error
 from gptlab.schedules import build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def compose_train(overrides: list[str]):
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
             cfg = compose(config_name="train", overrides=overrides)
     except HydraException as e:
-        raise ConfigError("overrides", str(e).strip().splitlines()[0]) from None
+        raise composition_error(e) or ConfigError("command line", str(e).strip().splitlines()[0]) from None
     with open_dict(cfg):
         cfg.paths.output_dir = "."  # set by Hydra at run time; nothing is written there
     return cfg

@@ -13,16 +13,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from gptlab.config import DataConfig, FilterConfig, load_data_config
+from gptlab.config import load_data_config
+from gptlab.data.config import DataConfig, FilterConfig
 from gptlab.data.prepare import prepare_dataset
 from gptlab.data.shards import MANIFEST, read_manifest
 from gptlab.data.sources import Stream, streams
-from gptlab.errors import exit_on_user_error
+from gptlab.errors import exit_on_config_error, exit_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GPTLAB_ROOT", str(ROOT))
 
 
+@exit_on_config_error
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="prepare")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

@@ -12,24 +12,24 @@ import torch
 from omegaconf import DictConfig
 
 from gptlab.checkpoint import load_model
-from gptlab.config import ConfigError
 from gptlab.data.tokenizer import EOT, gpt2_tokenizer
-from gptlab.errors import exit_on_user_error
-from gptlab.sample import compile_for_sampling, generate
+from gptlab.errors import exit_on_config_error, exit_on_user_error
+from gptlab.sample import SampleConfig, compile_for_sampling, generate
+from gptlab.schema import load
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GPTLAB_ROOT", str(ROOT))
 SEPARATOR = "-" * 40
 
 
+@exit_on_config_error
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="sample")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    sample(cfg)
+    sample(load(SampleConfig, cfg))  # config mistakes end here, before the model is loaded
 
 
-def sample(cfg: DictConfig) -> None:
-    check(cfg)
+def sample(cfg: SampleConfig) -> None:
     device = pick_device(cfg.device)
     model = load_model(cfg.checkpoint, map_location=device)
     if cfg.compile:
@@ -47,21 +47,6 @@ def sample(cfg: DictConfig) -> None:
             completion = completion[: completion.index(EOT)]
         print(cfg.prompt + tokenizer.decode(completion))
         print(SEPARATOR)
-
-
-def check(cfg: DictConfig) -> None:
-    """Config mistakes, caught before the model is loaded."""
-    rules = [
-        ("checkpoint", cfg.checkpoint is not None, "is required: a .ckpt file, an HF GPT-2 folder or a hub name"),
-        ("max_new_tokens", isinstance(cfg.max_new_tokens, int) and cfg.max_new_tokens >= 0, "must be an integer >= 0"),
-        ("temperature", isinstance(cfg.temperature, (int, float)) and cfg.temperature >= 0, "must be a number >= 0"),
-        ("top_k", cfg.top_k is None or (isinstance(cfg.top_k, int) and cfg.top_k >= 1), "must be null or >= 1"),
-        ("num_samples", isinstance(cfg.num_samples, int) and cfg.num_samples >= 1, "must be an integer >= 1"),
-        ("seed", isinstance(cfg.seed, int) and cfg.seed >= 0, "must be an integer >= 0"),
-    ]
-    for key, ok, message in rules:
-        if not ok:
-            raise ConfigError(key, f"{message} (got {cfg[key]!r})")
 
 
 def pick_device(name: str) -> str:

@@ -9,7 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-import gptlab  # noqa: F401  (registers config resolvers)
+import gptlab  # noqa: F401  (registers config resolvers and schemas)
+from gptlab.errors import composition_error
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -20,9 +21,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def compose_train(overrides: list[str] = (), output_dir: Path | None = None, data_dir: Path | None = None) -> DictConfig:
-    """The config `python scripts/train.py <overrides>` would get, without Hydra's own node."""
+    """The config `python scripts/train.py <overrides>` would get, without Hydra's own node. A mistake Hydra finds
+    while composing (an unknown key, a value of the wrong type) raises the ConfigError the script would report."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(config_name="train", overrides=list(overrides))
+        try:
+            cfg = compose(config_name="train", overrides=list(overrides))
+        except Exception as e:
+            error = composition_error(e)
+            if error is None:
+                raise
+            raise error from e
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir or "/nonexistent/run")
         if data_dir is not None:
@@ -44,7 +52,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A data folder holding the prepared sample corpus (prepared once per test session)."""
-    from gptlab.config import DataConfig, PrepareConfig
+    from gptlab.data.config import DataConfig, PrepareConfig
     from gptlab.data.prepare import prepare_dataset
 
     folder = tmp_path_factory.mktemp("data")

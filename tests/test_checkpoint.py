@@ -121,7 +121,84 @@ def test_checkpoint_holds_everything_a_resume_needs(tmp_path, data_dir, monkeypa
     assert ckpt["TokenDataModule"]["micro_batches"] == 4  # data position: 2 steps x 2 micro-batches
     assert set(ckpt["rng_states"]) == {"python", "numpy", "torch", "cuda"}
     assert ckpt["initial_val_loss"] == summary["val_loss_initial"]
+    assert ckpt["gpt_config"] == {"version": 1, **ckpt["hyper_parameters"]["config"]["model"]}  # the model's own
+    assert ckpt["gpt_config"]["n_layer"] == 2 and ckpt["hyper_parameters"]["config"]["optimizer"]["name"] == "adamw"
     assert load_gpt(run_dir / "checkpoints" / "step_000001.ckpt").state_dict().keys()
+
+
+# --- checkpoints of other versions ---------------------------------------------------------------------------
+
+# A 2-step run of gptlab's main before the config schemas (commit 09149e6), 1 layer of width 4, plain SGD (no
+# optimizer state: 0.8 MB): python scripts/train.py model.n_layer=1 model.n_head=1 model.n_embd=4
+# model.block_size=32 data.seq_len=32 data.micro_batch_size=2 global_batch_tokens=128 max_tokens=256
+# optimizer=sgd optimizer.momentum=0 optimizer.nesterov=false scheduler.warmup_steps=1 eval.val_tokens=64
+# eval.hellaswag.enabled=false logger=none callbacks.checkpoint.every_n_steps=100 seed=3
+OLD_CHECKPOINT = ROOT / "tests" / "fixtures" / "main_09149e6_tiny.ckpt"
+OLD_OVERRIDES = [
+    "model.n_layer=1", "model.n_head=1", "model.n_embd=4", "model.block_size=32", "data.seq_len=32",
+    "data.micro_batch_size=2", "global_batch_tokens=128", "optimizer=sgd", "optimizer.momentum=0",
+    "optimizer.nesterov=false", "scheduler.warmup_steps=1", "eval.val_tokens=64", "eval.hellaswag.enabled=false",
+    "logger=none", "callbacks.checkpoint.every_n_steps=100", "seed=3", "callbacks.progress_bar_refresh_rate=0",
+]  # fmt: skip
+OLD_LOSS = 10.827638626098633  # the loss its model gave on old_batch() under that commit's load_gpt
+
+
+def old_batch():
+    idx = torch.arange(32).view(1, 32) * 7 % 50257
+    return idx, idx.roll(-1, 1)
+
+
+def test_a_checkpoint_written_before_the_config_schemas_loads():
+    """It has no gpt_config: its model is rebuilt from the model section of its run config, and computes what it
+    computed when it was written."""
+    model = load_gpt(OLD_CHECKPOINT)
+    assert (model.config.n_layer, model.config.n_embd, model.config.block_size) == (1, 4, 32)
+    _, loss = model(*old_batch())
+    assert loss.item() == pytest.approx(OLD_LOSS, rel=0, abs=1e-6)
+
+
+def test_a_checkpoint_loads_whatever_the_training_rules_of_the_day(tmp_path):
+    """Eval, sampling and export read the model config alone: a training config that today's rules reject (an
+    optimizer gptlab no longer has, a batch that does not divide, a key that no longer exists) does not matter."""
+    ckpt = load(OLD_CHECKPOINT)
+    config = ckpt["hyper_parameters"]["config"]
+    config["optimizer"]["name"] = "adamax"
+    config["global_batch_tokens"] = 1000
+    config["removed_since"] = True
+    torch.save(ckpt, tmp_path / "changed.ckpt")
+    _, loss = load_gpt(tmp_path / "changed.ckpt")(*old_batch())
+    assert loss.item() == pytest.approx(OLD_LOSS, rel=0, abs=1e-6)
+
+
+def test_a_model_config_gptlab_cannot_read_is_a_data_error(tmp_path):
+    from gptlab.errors import DataError
+
+    ckpt = load(OLD_CHECKPOINT)
+    for name, record in [
+        ("newer", {"version": 99, **ckpt["hyper_parameters"]["config"]["model"]}),
+        ("broken", {"version": 1, **ckpt["hyper_parameters"]["config"]["model"], "n_head": 3}),
+    ]:
+        torch.save({**ckpt, "gpt_config": record}, tmp_path / f"{name}.ckpt")
+    with pytest.raises(DataError, match="model config of version 99; this gptlab reads up to 1"):
+        load_gpt(tmp_path / "newer.ckpt")
+    with pytest.raises(DataError, match=r"model.n_embd: must be divisible by n_head"):
+        load_gpt(tmp_path / "broken.ckpt")
+
+
+def test_a_run_resumes_from_a_checkpoint_written_before_the_config_schemas(tmp_path, data_dir):
+    """Its step, optimizer and data position carry on: one more step, from step 2 to 3."""
+    overrides = [*OLD_OVERRIDES, "max_tokens=384", f"ckpt_path={OLD_CHECKPOINT}"]
+    summary = run(compose_train(overrides, tmp_path / "run", data_dir))
+    assert summary["status"] == "completed" and summary["step"] == 3
+    assert load(tmp_path / "run" / "checkpoints" / "last.ckpt")["gpt_config"]["n_embd"] == 4
+
+
+def test_resuming_with_another_architecture_names_the_key(tmp_path, data_dir):
+    """Not a state_dict traceback: the model key that differs from the checkpoint's model, before any weight
+    loads. Compiling (a runtime choice) may change."""
+    overrides = [*OLD_OVERRIDES, "max_tokens=384", f"ckpt_path={OLD_CHECKPOINT}"]
+    with pytest.raises(ConfigError, match=r"model.n_layer: is 2, the checkpoint's model has 1"):
+        run(compose_train([*overrides, "model.n_layer=2"], tmp_path / "deeper", data_dir))
 
 
 # --- ckpt_path -------------------------------------------------------------------------------------------

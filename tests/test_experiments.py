@@ -12,15 +12,16 @@ from tests.conftest import CONF, compose_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SEEDS = ["0", "1", "2"]
-# ablation -> the swept key and its values (besides seed)
+# ablation -> the swept keys and their values (besides seed)
 ABLATIONS = {
-    "ablate_warmup": ("scheduler.warmup_steps", ["0", "8"]),
-    "ablate_clipping": ("grad_clip", ["0", "0.25", "1.0"]),
-    "ablate_norm_position": ("model.norm_position", ["pre", "post"]),
-    "ablate_adamw_vs_adam_l2": ("optimizer", ["adamw", "adam"]),
-    "ablate_schedules": ("scheduler", ["cosine", "wsd", "constant", "linear"]),
-    "ablate_label_smoothing": ("model.label_smoothing", ["0.0", "0.1"]),
-    "ablate_precision": ("precision", ["fp32", "bf16", "bf16_true"]),
+    "ablate_warmup": {"scheduler.warmup_steps": ["0", "8"]},
+    "ablate_clipping": {"grad_clip": ["0", "0.25", "1.0"]},
+    "ablate_norm_position": {"model.norm_position": ["pre", "post"]},
+    "ablate_adamw_vs_adam_l2": {"optimizer": ["adamw", "adam"]},
+    "ablate_schedules": {"scheduler": ["cosine", "wsd", "constant", "linear"]},
+    "ablate_label_smoothing": {"model.label_smoothing": ["0.0", "0.1"]},
+    "ablate_precision": {"precision": ["fp32", "bf16", "bf16_true"]},
+    "ablate_radam_vs_warmup": {"optimizer": ["adamw", "radam"], "scheduler.warmup_steps": ["0", "8"]},
 }
 TOKENS_PER_STEP = 524_288  # 2**19, GPT-3 Small/Medium/Large's 0.5M-token batch
 
@@ -86,23 +87,23 @@ def test_gpt2_124m_is_build_nanogpt():
 
 @pytest.mark.parametrize("experiment", sorted(ABLATIONS))
 def test_ablation_sweeps_its_values_over_three_seeds(experiment):
-    key, values = ABLATIONS[experiment]
+    swept = ABLATIONS[experiment]
     params = sweep_params(experiment)
-    assert set(params) == {key, "seed"}
+    assert set(params) == {*swept, "seed"}
     jobs = expand(params)
-    assert len(jobs) == len(values) * len(SEEDS)
-    assert sorted(jobs) == sorted([f"{key}={v}", f"seed={s}"] for v in values for s in SEEDS)
+    axes = [[f"{key}={v}" for v in values] for key, values in swept.items()] + [[f"seed={s}" for s in SEEDS]]
+    assert sorted(jobs) == sorted(list(job) for job in itertools.product(*axes))
     for job in jobs:  # each job is a valid config that ablates what it says, on the tiny CPU model
         cfg, plan = load_config(compose_train([f"experiment={experiment}", *job]))
         assert experiment in cfg.tags and cfg.model.n_embd == 128 and plan.total_steps <= 48
-        assert str(cfg.seed) == job[1].split("=")[1]
-        if "." in key:
-            group, knob = key.split(".")
-            assert str(getattr(getattr(cfg, group), knob)) == job[0].split("=")[1]
-        elif key == "grad_clip":
-            assert cfg.grad_clip == float(job[0].split("=")[1])
-        else:
-            assert getattr(cfg, key).name == job[0].split("=")[1]
+        for key, value in (override.split("=") for override in job):
+            if key in ("seed", "grad_clip"):
+                assert getattr(cfg, key) == float(value)
+            elif "." in key:
+                group, knob = key.split(".")
+                assert str(getattr(getattr(cfg, group), knob)) == value
+            else:
+                assert getattr(cfg, key).name == value
 
 
 def test_ablations_keep_the_sweep_group_for_the_sweep():

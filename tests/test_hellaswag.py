@@ -240,7 +240,7 @@ def test_script_prints_json_and_fails_cleanly_without_data(tmp_path):
     data = write_jsonl(tmp_path / "val.jsonl", make_records())
     outputs = f"paths.output_root={tmp_path / 'outputs'}"
 
-    done = run_script(f"checkpoint={ckpt}", f"eval.hellaswag.path={data}", "limit=10", "batch_size=4", outputs)
+    done = run_script(f"checkpoint={ckpt}", f"eval.hellaswag.path={data}", "limit=10", "batch_size=4", "dtype=fp32", outputs)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     model.eval()

@@ -8,9 +8,11 @@ import warnings
 import pytest
 import torch
 
+from gptlab.callbacks.config import LossSpikeConfig, MonitorConfig
 from gptlab.callbacks.monitor import NonFiniteLossError, TrainingMonitor, layers, snapshot, update_ratios
 from gptlab.checkpoint import load_gpt
-from gptlab.config import ConfigError, LossSpikeConfig, MonitorConfig, load_config
+from gptlab.config import load_config
+from gptlab.errors import ConfigError
 from gptlab.model import GPT, GPTConfig
 from gptlab.train import run
 from tests.conftest import compose_train

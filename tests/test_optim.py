@@ -3,22 +3,39 @@ optimizer for LR schedulers, GradScaler, checkpoints and Lightning (the LR sched
 
 import copy
 import dataclasses
+import inspect
 import io
 
 import pytest
 import torch
 
-from gptlab.config import AdamConfig, AdamWConfig, ConfigError, MuonAdamWConfig, MuonConfig, SGDConfig, load_config
+from gptlab.config import load_config
+from gptlab.errors import ConfigError
 from gptlab.model import GPT, GPTConfig
-from gptlab.optim import MuonWithAdamW, build_optimizer, hidden_matrices, param_groups
+from gptlab.muon import MuonWithAdamW
+from gptlab.optim import (
+    GPTLAB_KEYS,
+    AdamConfig,
+    AdamWConfig,
+    MuonAdamWConfig,
+    MuonConfig,
+    NAdamConfig,
+    RAdamConfig,
+    SGDConfig,
+    hidden_matrices,
+    param_groups,
+)
+from gptlab.schema import OPTIONS as SCHEMAS
 from gptlab.train import run
-from tests.conftest import compose_train
+from tests.conftest import CONF, compose_train
 
 TINY = GPTConfig(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16)
-OPTIONS = ["adamw", "adam", "sgd", "rmsprop", "adagrad", "muon"]
+OPTIONS = ["adamw", "adam", "radam", "nadam", "sgd", "rmsprop", "adagrad", "muon"]
 TORCH_CLASS = {
     "adamw": torch.optim.AdamW,
     "adam": torch.optim.Adam,
+    "radam": torch.optim.RAdam,
+    "nadam": torch.optim.NAdam,
     "sgd": torch.optim.SGD,
     "rmsprop": torch.optim.RMSprop,
     "adagrad": torch.optim.Adagrad,
@@ -77,9 +94,10 @@ def test_embeddings_can_be_left_undecayed():
 @pytest.mark.parametrize("name", OPTIONS)
 def test_every_option_builds_steps_and_reduces_the_loss(name):
     """With its shipped defaults, each option brings the tiny GPT's loss on one small batch down by a quarter
-    in 30 steps (an optimizer that does not step stays at ln(32) = 3.47)."""
+    in 30 steps (an optimizer that does not step stays at ln(32) = 3.47); RAdam by 15%: its first 5 steps are
+    un-adapted momentum SGD (its rectification, see below), tiny steps at these gradients."""
     model = tiny_gpt()
-    opt = build_optimizer(model, shipped(name))
+    opt = shipped(name).build(model)
     assert type(opt) is TORCH_CLASS[name]
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 32, (4, 8), generator=gen), torch.randint(0, 32, (4, 8), generator=gen)
@@ -90,13 +108,15 @@ def test_every_option_builds_steps_and_reduces_the_loss(name):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.75 * losses[0], f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert losses[-1] < (0.85 if name == "radam" else 0.75) * losses[0], f"{name}: {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
 # Every knob of each option off its default (and off PyTorch's), so that a knob not passed on shows.
 OFF_DEFAULT = {
     "adamw": {"betas": "[0.8,0.9]", "eps": "1e-6", "fused": "false"},
     "adam": {"betas": "[0.8,0.9]", "eps": "1e-6", "fused": "false"},
+    "radam": {"betas": "[0.8,0.9]", "eps": "1e-6", "decoupled_weight_decay": "false"},
+    "nadam": {"betas": "[0.8,0.9]", "eps": "1e-6", "momentum_decay": "0.01", "decoupled_weight_decay": "false"},
     "sgd": {"momentum": "0.5", "dampening": "0.1", "nesterov": "false"},
     "rmsprop": {"alpha": "0.9", "eps": "1e-6", "momentum": "0.5", "centered": "true"},
     "adagrad": {"lr_decay": "0.01", "initial_accumulator_value": "0.1", "eps": "1e-6"},
@@ -127,7 +147,7 @@ def test_knobs_reach_pytorch_under_their_own_names(name):
     if name == "muon":
         fields |= {f"adamw.{f.name}" for f in dataclasses.fields(cfg.adamw)}
     assert fields <= knobs.keys()  # a new knob needs an entry in OFF_DEFAULT
-    opt = build_optimizer(tiny_gpt(), cfg)
+    opt = cfg.build(tiny_gpt())
     if name == "muon":
         (muon_group,) = opt.muon.param_groups
         assert_group_has_knobs(muon_group, cfg)
@@ -142,10 +162,76 @@ def test_knobs_reach_pytorch_under_their_own_names(name):
     assert opt.param_groups[0]["lr"] == 0.0123
 
 
+def test_every_option_is_conf_and_schema_alike():
+    """conf/optimizer/ has a yaml for every registered schema and no other: a new optimizer is its class and yaml."""
+    yamls = sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))
+    assert sorted(SCHEMAS["optimizer"]) == sorted(OPTIONS) == yamls
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_every_knob_is_a_keyword_of_the_torch_optimizer(name):
+    """A field of an option is either gptlab's own (GPTLAB_KEYS) or a keyword of its torch.optim class by the same
+    name: that is what makes a new keyword one field (OptimizerConfig.torch_kwargs passes the rest on as is)."""
+    schema = SCHEMAS["optimizer"][name]
+    torch_keywords = set(inspect.signature(getattr(torch.optim, schema.torch_class)).parameters)
+    knobs = {f.name for f in dataclasses.fields(schema)} - set(GPTLAB_KEYS) - {"adamw"}  # muon's inner AdamW
+    assert knobs and knobs <= torch_keywords, knobs - torch_keywords
+
+
+def torch_reference(model, torch_class, weight_decay, **kwargs):
+    """torch's own optimizer, built by hand on gptlab's two parameter groups (decay on >=2-D weights only)."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return torch_class(groups, **kwargs)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+@pytest.mark.parametrize("cfg_class, torch_class, extra", [
+    (RAdamConfig, torch.optim.RAdam, {}),
+    (NAdamConfig, torch.optim.NAdam, {"momentum_decay": 0.01}),
+])  # fmt: skip
+def test_radam_and_nadam_step_as_torchs_own(cfg_class, torch_class, extra, decoupled):
+    """optimizer=radam and nadam, coupled and decoupled decay, take the very steps torch.optim.RAdam / NAdam take
+    over 8 steps (RAdam's rectified phase starts at step 6 with these betas) on the same parameter groups."""
+    lr, wd, betas, eps = 0.01, 0.3, [0.9, 0.99], 1e-7
+    cfg = cfg_class(lr=lr, weight_decay=wd, betas=betas, eps=eps, decoupled_weight_decay=decoupled, **extra)
+    ours, theirs = tiny_gpt(), tiny_gpt()
+    opt = cfg.build(ours)
+    ref = torch_reference(theirs, torch_class, wd, lr=lr, betas=tuple(betas), eps=eps,
+                          decoupled_weight_decay=decoupled, **extra)  # fmt: skip
+    assert type(opt) is torch_class
+    for step in range(8):
+        for model, optimizer in ((ours, opt), (theirs, ref)):
+            set_grads(model, seed=step)
+            optimizer.step()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_radam_first_step_is_unadapted_momentum_sgd(decoupled):
+    """RAdam's rectification (Liu et al. 2020): while the variance estimate rests on too few steps (rho_t <= 5,
+    here rho_1 = 2/(1-beta2) - 1 - 2 beta2/(1-beta2) = 1), the step is lr * m_hat = lr * g, with no 1/sqrt(v)
+    adaptation (Adam's first step would be lr * g/|g|). Decoupled decay shrinks >=2-D weights by lr * wd * theta;
+    coupled decay adds wd * theta to g."""
+    lr, wd = 0.1, 0.5
+    theta0, g = tiny_gpt(), tiny_gpt()
+    set_grads(g)
+    model = first_step(RAdamConfig(lr=lr, weight_decay=wd, betas=[0.9, 0.95], decoupled_weight_decay=decoupled), 1.0)
+    for (name, p), p0, gp in zip(model.named_parameters(), theta0.parameters(), g.parameters()):
+        decayed = p.dim() >= 2
+        if decoupled:
+            expected = p0 * (1 - lr * wd if decayed else 1.0) - lr * gp.grad
+        else:
+            expected = p0 - lr * (gp.grad + (wd * p0 if decayed else 0.0))
+        torch.testing.assert_close(p, expected, msg=name)
+
+
 def first_step(cfg, grad_scale):
     """Parameters after one step from tiny_gpt() with the gradient set_grads(scale) gives."""
     model = tiny_gpt()
-    opt = build_optimizer(model, cfg)
+    opt = cfg.build(model)
     set_grads(model, grad_scale)
     opt.step()
     return model
@@ -204,7 +290,7 @@ def test_sgd_nesterov_with_coupled_l2():
 @pytest.mark.parametrize("tie_embeddings", [True, False])
 def test_muon_holds_only_the_hidden_matrices(tie_embeddings):
     model = tiny_gpt(tie_embeddings=tie_embeddings)
-    opt = build_optimizer(model, MuonConfig())
+    opt = MuonConfig().build(model)
     hidden = [
         w
         for block in model.transformer.h
@@ -232,7 +318,7 @@ def test_muon_steps_match_torch_muon_and_adamw():
     """Two steps of the combined optimizer equal torch.optim.Muon on the hidden matrices and torch.optim.AdamW
     on the rest, built directly with the same knobs."""
     model, ref = tiny_gpt(), tiny_gpt()
-    opt = build_optimizer(model, MUON)
+    opt = MUON.build(model)
     hidden = hidden_matrices(ref)
     ref_muon = torch.optim.Muon(
         hidden, lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=False, ns_coefficients=(3.0, -3.2, 1.2),
@@ -260,7 +346,7 @@ def test_muon_update_is_orthogonalised():
     """One Muon step on a matrix (no decay, no momentum history) moves it by lr * adjust * O, where O is the
     gradient orthogonalised: its singular values are all near 1 (Newton-Schulz is approximate: 0.5..1.5)."""
     model = tiny_gpt()
-    opt = build_optimizer(model, MuonConfig(lr=0.02))
+    opt = MuonConfig(lr=0.02).build(model)
     w = model.transformer.h[0].mlp.c_fc.weight  # (64, 16): adjust = sqrt(max(1, 64 / 16)) = 2
     w0 = w.detach().clone()
     set_grads(model)
@@ -277,7 +363,7 @@ def test_muon_follows_an_lr_scheduler():
     at factor 0 nothing moves."""
     model = tiny_gpt()
     cfg = MuonConfig(weight_decay=0.1)
-    opt = build_optimizer(model, cfg)
+    opt = cfg.build(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: [1.0, 0.5, 0.0][min(step, 2)])
     set_grads(model)
     opt.step()
@@ -300,7 +386,7 @@ def test_muon_state_dict_round_trip():
     halving = lambda step: 0.5**step  # noqa: E731
 
     def make(model):
-        opt = build_optimizer(model, cfg)
+        opt = cfg.build(model)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, halving)
 
     model = tiny_gpt()
@@ -335,7 +421,7 @@ def test_muon_with_grad_scaler():
     """fp16-style loss scaling: GradScaler unscales every group of both inner optimizers, steps them, and an
     inf in a gradient AdamW holds skips the whole step (Muon's matrices too) and halves the scale."""
     model, ref = tiny_gpt(), tiny_gpt()
-    opt, ref_opt = build_optimizer(model, MuonConfig()), build_optimizer(ref, MuonConfig())
+    opt, ref_opt = MuonConfig().build(model), MuonConfig().build(ref)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     x = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
     scaler.scale(model(x, x)[1]).backward()

@@ -13,7 +13,7 @@ import pytest
 import zstandard
 from pydoc_data.topics import topics
 
-from gptlab.config import DataConfig, FilterConfig, PrepareConfig
+from gptlab.data.config import DataConfig, FilterConfig, PrepareConfig
 from gptlab.data import prepare
 from gptlab.data.prepare import STATE, is_validation, prepare_dataset
 from gptlab.data.shards import MANIFEST, read_doc_starts, read_manifest, read_shard

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.optim import lr_scheduler as tls
 
-from gptlab.config import (
-    ConfigError,
+from gptlab.config import load_config
+from gptlab.errors import ConfigError
+from gptlab.schedules import (
     ConstantConfig,
     CosineConfig,
     CosineRestartsConfig,
@@ -21,16 +21,15 @@ from gptlab.config import (
     LinearConfig,
     StepConfig,
     WSDConfig,
-    load_config,
+    build_scheduler,
 )
-from gptlab.schedules import build_scheduler, lr_multiplier
 from tests.conftest import CONF, ROOT, compose_train
 
 OPTIONS = sorted(p.stem for p in (CONF / "scheduler").glob("*.yaml"))
 
 
 def multipliers(cfg, total_steps: int, steps, d_model: int = 64) -> list[float]:
-    f = lr_multiplier(cfg, total_steps, d_model)
+    f = cfg.multiplier(total_steps, d_model)
     return [f(s) for s in steps]
 
 
@@ -52,7 +51,7 @@ def sgd(lrs=(1e-3,)) -> torch.optim.Optimizer:
 
 
 def test_cosine_closed_form():
-    f = lr_multiplier(CosineConfig(warmup_steps=10, min_lr_ratio=0.1), total_steps=110, d_model=64)
+    f = CosineConfig(warmup_steps=10, min_lr_ratio=0.1).multiplier(total_steps=110, d_model=64)
     assert [f(s) for s in (0, 4, 9, 10)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
     assert f(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
@@ -76,13 +75,13 @@ def test_wsd_closed_form(shape):
 
 def test_wsd_decay_is_the_last_fraction_of_the_run_whatever_the_warmup():
     for warmup in (0, 7, 30):
-        f = lr_multiplier(WSDConfig(warmup_steps=warmup, decay_fraction=0.25, min_lr_ratio=0.0), 40, 64)
+        f = WSDConfig(warmup_steps=warmup, decay_fraction=0.25, min_lr_ratio=0.0).multiplier(40, 64)
         assert f(29) == 1.0 and f(30) == 1.0 and f(31) == pytest.approx(0.9), warmup  # decay steps 30..39
 
 
 def test_inverse_sqrt_is_the_papers_rule():
     """Vaswani et al. eq. 3 with d_model=512, warmup_steps=4000 (step_num = step + 1)."""
-    f = lr_multiplier(InverseSqrtConfig(warmup_steps=4000, d_model=512), total_steps=100_000, d_model=64)
+    f = InverseSqrtConfig(warmup_steps=4000, d_model=512).multiplier(total_steps=100_000, d_model=64)
     assert f(0) == pytest.approx(512**-0.5 * 1 * 4000**-1.5)
     assert f(1999) == pytest.approx(512**-0.5 * 2000 * 4000**-1.5)
     assert f(3999) == pytest.approx(512**-0.5 * 4000**-0.5)  # the peak, where both terms meet
@@ -92,7 +91,7 @@ def test_inverse_sqrt_is_the_papers_rule():
 
 
 def test_inverse_sqrt_d_model_defaults_to_the_model_width_and_warmup_zero_means_none():
-    f = lr_multiplier(InverseSqrtConfig(warmup_steps=0, d_model=None), total_steps=50, d_model=128)
+    f = InverseSqrtConfig(warmup_steps=0, d_model=None).multiplier(total_steps=50, d_model=128)
     assert [f(s) for s in (0, 3, 99)] == pytest.approx([128**-0.5, 128**-0.5 / 2, 128**-0.5 / 10])
 
 
@@ -180,7 +179,7 @@ def test_every_option_keeps_the_ratio_of_param_groups(option):
     cfg, plan = load_config(compose_train([f"scheduler={option}"]))
     optimizer = sgd([1e-3, 3e-2])
     scheduler = build_scheduler(optimizer, cfg.scheduler, plan.total_steps, cfg.model.n_embd)
-    f = lr_multiplier(cfg.scheduler, plan.total_steps, cfg.model.n_embd)
+    f = cfg.scheduler.multiplier(plan.total_steps, cfg.model.n_embd)
     for step in range(plan.total_steps):
         small, large = (g["lr"] for g in optimizer.param_groups)
         assert small == pytest.approx(1e-3 * f(step), rel=1e-12) and large == pytest.approx(30 * small, rel=1e-12)
@@ -249,7 +248,7 @@ def test_plot_schedules_writes_a_png_of_every_option(tmp_path, capsys):
     assert f"Wrote {len(OPTIONS)} schedules to {out.resolve()}" in capsys.readouterr().out
     lrs, label = script.lr_curve("cosine", 30, ["optimizer.lr=1.0", "scheduler.warmup_steps=0"])
     assert label.startswith("cosine")
-    assert lrs == pytest.approx(multipliers(CosineConfig(min_lr_ratio=0.1), 30, range(30)))
+    assert lrs == pytest.approx(multipliers(CosineConfig(warmup_steps=0, min_lr_ratio=0.1), 30, range(30)))
     with pytest.raises(SystemExit) as exit_:  # warmup_steps=8 does not fit in 4 steps: one line, status 2
         script.main(["--steps", "4", "--out", str(tmp_path / "none.png")])
     assert exit_.value.code == 2 and "Config error: scheduler.warmup_steps:" in capsys.readouterr().err
@@ -258,8 +257,10 @@ def test_plot_schedules_writes_a_png_of_every_option(tmp_path, capsys):
 def test_inverse_sqrt_uses_the_models_width_in_the_module():
     from gptlab.module import GPTModule
 
-    config = compose_train(["scheduler=inverse_sqrt", "scheduler.warmup_steps=4", "model.n_embd=96", "model.n_head=4"])
-    module = GPTModule(OmegaConf.to_container(config, resolve=True))
+    cfg, plan = load_config(
+        compose_train(["scheduler=inverse_sqrt", "scheduler.warmup_steps=4", "model.n_embd=96", "model.n_head=4"])
+    )
+    module = GPTModule(cfg, plan)
     optim = module.configure_optimizers()
     optimizer, scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
     lr = module.cfg.optimizer.lr

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from gptlab.checkpoint import load_gpt
-from gptlab.config import AdamWConfig
 from gptlab.model import GPT, GPTConfig
-from gptlab.optim import build_optimizer
+from gptlab.optim import AdamWConfig
 from gptlab.train import run
 from tests.conftest import ROOT, compose_train
 
@@ -21,7 +20,7 @@ def test_overfits_a_single_batch():
     """Debugging by overfitting: a model that cannot memorise one batch has a bug."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=64))
-    opt = build_optimizer(model, AdamWConfig(lr=3e-3, weight_decay=0.0))
+    opt = AdamWConfig(lr=3e-3, weight_decay=0.0).build(model)
     x = torch.randint(0, 64, (4, 32))
     y = torch.randint(0, 64, (4, 32))
     for step in range(300):

@@ -18,3 +18,6 @@ OmegaConf.register_new_resolver("gptlab.run_name", launch.shared_run_name, use_c
 # `${gptlab.rank_zero:x}`: x on rank 0, null elsewhere; `${gptlab.rank_suffix:}`: "" on rank 0, "_rank<r>" elsewhere.
 OmegaConf.register_new_resolver("gptlab.rank_zero", launch.rank_zero_only_value, replace=True)
 OmegaConf.register_new_resolver("gptlab.rank_suffix", launch.rank_suffix, replace=True)
+
+# The config schemas Hydra composes conf/ on top of (ConfigStore's `train_schema`, `<option>_schema`).
+from gptlab import config  # noqa: E402, F401

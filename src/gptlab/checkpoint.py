@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from gptlab.config import SHARDED_META, is_sharded_checkpoint, load_config
+from gptlab.config import SHARDED_META, is_sharded_checkpoint
 from gptlab.errors import DataError
 from gptlab.model import GPT
+from gptlab.model_config import gpt_config_from_checkpoint
 
 MODULE_PREFIX = "model."  # GPTModule keeps the GPT as `self.model`
 COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper adds to parameter names
@@ -29,7 +30,9 @@ def load_gpt(path: str | Path, map_location: str | torch.device = "cpu") -> GPT:
     """The GPT of a gptlab checkpoint written by scripts/train.py, in eval mode: a Lightning .ckpt file, or a
     sharded checkpoint folder (distributed=fsdp: each rank's shard, and meta.pt with everything else).
 
-    Loaded with weights_only=True: a checkpoint holds tensors and plain config values only."""
+    The GPT is built from the checkpoint's model config alone, checked by the model's own rules: a checkpoint
+    stays loadable when a training rule changes. Loaded with weights_only=True: a checkpoint holds tensors and
+    plain config values only."""
     path = Path(path)
     if is_sharded_checkpoint(path):
         return _load_sharded(path).to(map_location).eval()
@@ -37,11 +40,10 @@ def load_gpt(path: str | Path, map_location: str | torch.device = "cpu") -> GPT:
         raise DataError(f"no checkpoint file or sharded checkpoint folder at {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        config = ckpt["hyper_parameters"]["config"]
         state = ckpt["state_dict"]
     except Exception as e:  # not a checkpoint, a damaged one, or another project's
         raise DataError(f"{path} is not a gptlab checkpoint ({type(e).__name__}: {e})") from None
-    model = GPT(load_config(config)[0].model)
+    model = GPT(gpt_config_from_checkpoint(ckpt, str(path)))
     weights = {k.removeprefix(MODULE_PREFIX): v for k, v in state.items() if k.startswith(MODULE_PREFIX)}
     model.load_state_dict({k.replace(COMPILED_PREFIX, ""): v for k, v in weights.items()})
     return model.eval()
@@ -56,7 +58,7 @@ def _load_sharded(path: Path) -> GPT:
         raise DataError(f"{path} has {SHARDED_META} but no {DCP_INDEX}: a sharded checkpoint cut short, or not one")
     try:
         meta = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
-        model = GPT(load_config(meta["hyper_parameters"]["config"])[0].model)
+        model = GPT(gpt_config_from_checkpoint(meta, str(path)))
         weights = {MODULE_PREFIX + k: v for k, v in model.state_dict().items()}  # views of the parameters
         with warnings.catch_warnings():  # no_dist: each process reads the whole model, as intended here
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from gptlab.config import DDPConfig, FSDPConfig, TrainConfig
+from gptlab.config import DDPConfig, DDPSpawnConfig, FSDPConfig, TrainConfig
 from gptlab.model import GPT
 
 
@@ -32,7 +32,7 @@ def build_strategy(cfg: TrainConfig, spawn: bool = False) -> str | Strategy:
     d = cfg.distributed
     if isinstance(d, DDPConfig):
         return DDPStrategy(
-            start_method="spawn" if spawn or d.name == "ddp_spawn" else "popen",
+            start_method="spawn" if spawn or isinstance(d, DDPSpawnConfig) else "popen",
             process_group_backend=d.process_group_backend,
             timeout=timedelta(minutes=d.timeout_min),
             find_unused_parameters=d.find_unused_parameters,  # passed on to DistributedDataParallel

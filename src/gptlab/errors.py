@@ -1,6 +1,7 @@
 """Errors in what the user gave gptlab (config values, data files): reported in one line, no traceback."""
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ class ConfigError(UserInputError, ValueError):
 
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
-        self.key = key
+        self.key, self.message = key, message
 
 
 class DataError(UserInputError):
@@ -39,3 +40,46 @@ def exit_on_user_error(entry_point: Callable) -> Callable:
             sys.exit(2)
 
     return run
+
+
+def exit_on_config_error(hydra_main: Callable) -> Callable:
+    """For @hydra.main entry points: a mistake Hydra finds while composing the config (an unknown key or option,
+    a value of the wrong type, a malformed override) ends as one line and exit status 2, like a ConfigError the
+    task raises, instead of Hydra's several-line report. HYDRA_FULL_ERROR=1 (Hydra's public switch) makes Hydra
+    raise the error rather than print it; set by the user, it keeps Hydra's full report."""
+
+    @functools.wraps(hydra_main)
+    def run(*args, **kwargs):
+        users_choice = os.environ.get("HYDRA_FULL_ERROR")
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            return hydra_main(*args, **kwargs)
+        except Exception as e:
+            error = None if users_choice else composition_error(e)
+            if error is None:
+                raise
+            print(f"{error.label}: {error}", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            if users_choice is None:
+                os.environ.pop("HYDRA_FULL_ERROR", None)
+
+    return run
+
+
+def composition_error(e: Exception) -> ConfigError | None:
+    """Hydra's composition error as a ConfigError naming the key, by the exception's type; None for anything else."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from gptlab.schema import config_error
+
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in e.missing_cfg_file:
+        group, name = e.missing_cfg_file.rsplit("/", 1)
+        return ConfigError(group, f"unknown option {name!r} (no conf/{e.missing_cfg_file}.yaml); "
+                                  f"choose one of: {', '.join(e.options or [])}")  # fmt: skip
+    if isinstance(e, ConfigCompositionException) and isinstance(e.__cause__, OmegaConfBaseException):
+        return config_error(e.__cause__)
+    if isinstance(e, (ConfigCompositionException, OverrideParseException, MissingConfigException)):
+        return ConfigError("command line", str(e).strip().splitlines()[0])
+    return None

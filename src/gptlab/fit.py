@@ -45,19 +45,19 @@ SUMMARY_RESULTS = (
 warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
 
 
-def fit(cfg: TrainConfig, plan: RunPlan, config: dict, run_dir: Path) -> dict:
-    """Train; return the summary fields (losses, steps, throughput)."""
+def fit(cfg: TrainConfig, plan: RunPlan, run_dir: Path) -> dict:
+    """Train; return the summary fields (losses, steps, throughput). cfg has passed gptlab.config.load_config."""
     write_provenance(run_dir)  # rank 0: command line, git commit and diff, package versions
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # 0 is a valid seed
     torch.set_float32_matmul_precision(cfg.precision.matmul_precision)
-    module = GPTModule(config)
+    module = GPTModule(cfg, plan)
     datamodule = TokenDataModule(cfg.data, cfg.eval, plan, cfg.seed)
     callbacks = _build_callbacks(cfg, plan, run_dir)
     throughput, hellaswag = callbacks[ThroughputMonitor], callbacks[HellaSwagEval]
     overrides, choices = _hydra_overrides()
     loggers = build_loggers(cfg, run_dir, run_name=",".join(overrides) or run_dir.name)
     for logger in loggers:
-        logger.log_hyperparams({**config, "overrides": overrides, "choices": choices, "plan": asdict(plan)})
+        logger.log_hyperparams({**asdict(cfg), "overrides": overrides, "choices": choices, "plan": asdict(plan)})
     callbacks[RunResults] = RunResults(throughput, hellaswag)  # last: it reads what the others measured
     trainer = _build_trainer(cfg, plan, run_dir, loggers, [c for c in callbacks.values() if c is not None])
     _print_header(cfg, plan, module, trainer, run_dir, choices)
@@ -201,9 +201,9 @@ def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, r
         f"x {plan.world_size} device(s) x {plan.grad_accum} accumulation step(s)",
         "           global_batch_tokens fixes the optimization: more devices or a larger micro-batch mean fewer "
         "accumulation steps, the same updates",
-        f"budget     {plan.total_steps:,} steps = {plan.total_tokens:,} tokens; lr {cfg.optimizer.lr:g} "
-        f"({choices.get('optimizer', cfg.optimizer.name)}, {choices.get('scheduler', cfg.scheduler.name)}, "
-        f"warmup {cfg.scheduler.warmup_steps})",
+        f"budget     {plan.total_steps:,} steps = {plan.total_tokens:,} tokens, set by {plan.budget}; "
+        f"lr {cfg.optimizer.lr:g} ({choices.get('optimizer', cfg.optimizer.name)}, "
+        f"{choices.get('scheduler', cfg.scheduler.name)}, warmup {cfg.scheduler.warmup_steps})",
         f"hardware   {trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x "
         f"{plan.world_size} ({_parallelism(cfg)}), precision {cfg.precision.name} ({cfg.precision.trainer_precision}), "
         f"torch {torch.__version__}, python {platform.python_version()}",

@@ -12,12 +12,16 @@ Both models use the same parameter names (`transformer.*`, `lm_head`); the diffe
 transformers and safetensors are an optional extra (`pip install -e .[hf]`): imported inside functions.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
+from hydra.core.config_store import ConfigStore
 
 from gptlab.errors import DataError
 from gptlab.model import GPT, NORM_EPS, GPTConfig
+from gptlab.schema import at_least, knob, required
 
 GPT2_VOCAB_SIZE = 50257  # the tokenizer's vocabulary; <|endoftext|> is the last id
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # Conv1D
@@ -32,6 +36,18 @@ WHY_GPT2_CANNOT = dict(
     tie_embeddings="GPT-2's output head is the token embedding",
     bias="GPT-2 has biases in every Linear and LayerNorm",
 )
+
+
+@dataclass
+class ExportHFConfig:
+    """The root of scripts/export_hf.py (conf/export_hf.yaml)."""
+
+    checkpoint: Optional[str] = knob(None, required("a gptlab training checkpoint (.ckpt)"))
+    out: Optional[str] = knob(None, required("the folder to write (created if missing)"))
+    vocab_size: int = knob(GPT2_VOCAB_SIZE, at_least(1))  # GPT-2's tokenizer; padded rows beyond it are dropped
+
+
+ConfigStore.instance().store(name="export_hf_schema", node=ExportHFConfig)
 
 
 def import_hf_gpt2(name_or_path: str, vocab_size: int | None = None) -> GPT:

@@ -2,48 +2,19 @@
 
 The defaults are GPT-2: pre-LayerNorm blocks, causal self-attention through F.scaled_dot_product_attention,
 a 4x GELU(tanh) MLP, learned position embeddings, a token embedding tied to the output head and GPT-2's
-initialization. Every GPTConfig field below the sizes is an architecture or training choice to ablate.
+initialization. Every GPTConfig field (gptlab/model_config.py) below the sizes is a choice to ablate.
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-NORM_POSITIONS = ("pre", "post")
-NORMS = ("layernorm", "rmsnorm")
-INITS = ("gpt2", "normal", "xavier", "kaiming")
-ATTENTIONS = ("sdpa", "manual")
+from gptlab.model_config import GPTConfig
+
 NORM_EPS = 1e-5  # nn.LayerNorm's default and GPT-2's layer_norm_epsilon; RMSNorm uses the same
-
-
-@dataclass
-class GPTConfig:
-    block_size: int = 1024  # longest sequence the position embedding covers
-    vocab_size: int = 50304  # GPT-2's 50257 tokens padded up to a multiple of 64 for faster matmuls
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    # architecture
-    norm_position: str = "pre"  # pre: x + f(norm(x)), GPT-2; post: norm(x + f(x)), the original Transformer
-    norm: str = "layernorm"  # layernorm | rmsnorm (x / rms(x) * weight: no centring, no bias)
-    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2 has them
-    tie_embeddings: bool = True  # the output head shares the token embedding's weight (Press & Wolf, 2017)
-    attention: str = "sdpa"  # sdpa: F.scaled_dot_product_attention (fused kernels); manual: written out
-    # initialization (see GPT._init_linear)
-    init: str = "gpt2"  # gpt2 | normal | xavier | kaiming
-    init_std: float = 0.02  # std of the gpt2 and normal schemes, and of the embeddings under every scheme
-    # regularization, in training only
-    embd_dropout: float = 0.0  # on token + position embeddings (HF GPT-2: embd_pdrop)
-    attn_dropout: float = 0.0  # on the attention weights (attn_pdrop)
-    resid_dropout: float = 0.0  # on each residual branch's output (resid_pdrop)
-    label_smoothing: float = 0.0  # of the training loss; validation and eval losses stay plain cross-entropy
-    # memory and speed
-    activation_checkpointing: bool = False  # recompute each block in backward instead of storing its activations
-    compile: bool = False  # torch.compile the model for training (GPTModule); the scripts have their own switch
 
 
 def make_norm(config: GPTConfig) -> nn.Module:

@@ -1,23 +1,28 @@
 """The LightningModule: next-token prediction with the GPT of model.py, AdamW and a per-step LR schedule."""
 
+from dataclasses import asdict
+
 import lightning as L
 import torch
 
-from gptlab.config import load_config
+from gptlab.config import RunPlan, TrainConfig
 from gptlab.distributed import full_tensor, shard_gpt
+from gptlab.errors import ConfigError
 from gptlab.model import GPT
-from gptlab.optim import build_optimizer
+from gptlab.model_config import GPT_CONFIG_KEY, RUNTIME_FIELDS, gpt_config_from_checkpoint, gpt_config_record
 from gptlab.schedules import build_scheduler
 
 
 class GPTModule(L.LightningModule):
-    """`config` is the resolved training config as a plain dict (so checkpoints reload without pickles)."""
+    """`cfg` has passed gptlab.config.load_config: it is used as is, never checked again."""
 
-    def __init__(self, config: dict):
+    def __init__(self, cfg: TrainConfig, plan: RunPlan):
         super().__init__()
-        self.save_hyperparameters(logger=False)  # train.py logs the config itself, with the overrides
-        self.cfg, self.plan = load_config(config)
-        self.model = GPT(self.cfg.model)
+        self.cfg, self.plan = cfg, plan
+        # The run's config as plain values, for the record (checkpoints load with weights_only=True); loading a
+        # model from a checkpoint reads its GPT_CONFIG_KEY alone (gptlab.checkpoint).
+        self.save_hyperparameters({"config": asdict(cfg)}, logger=False)  # train.py logs it, with the overrides
+        self.model = GPT(cfg.model)
         self._train_loss_sum = torch.zeros(())  # over the micro-steps of the current optimizer step
         self._val_sums = torch.zeros(2)  # summed token loss, token count
         self.last_train_loss: torch.Tensor | None = None  # this optimizer step's loss, mean over micro-steps and ranks
@@ -89,14 +94,25 @@ class GPTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Beside Lightning's state (global_step, optimizer, ...) and the RNG states of gptlab.resume.RandomState.
+        checkpoint[GPT_CONFIG_KEY] = gpt_config_record(self.cfg.model)
         checkpoint["tokens"] = self.global_step * self.plan.tokens_per_step
         checkpoint["initial_val_loss"] = self.initial_val_loss  # a resumed run skips the validation at its start
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Before the weights load: a resumed run must build the checkpoint's model (compile and activation
+        checkpointing may change), else the weights would not fit or would compute another function."""
+        saved = gpt_config_from_checkpoint(checkpoint)
+        for key, value in asdict(saved).items():
+            if key not in RUNTIME_FIELDS and getattr(self.cfg.model, key) != value:
+                raise ConfigError(
+                    f"model.{key}",
+                    f"is {getattr(self.cfg.model, key)!r}, the checkpoint's model has {value!r}: resume with the "
+                    "checkpoint's architecture (repeat the run's model overrides)",
+                )
         self.initial_val_loss = checkpoint.get("initial_val_loss")
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.cfg.optimizer)
+        optimizer = self.cfg.optimizer.build(self.model)
         scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.plan.total_steps, self.cfg.model.n_embd)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -4,8 +4,33 @@ Works with a torch.compile'd model: compile it with `dynamic=True` (see `compile
 the growing context does not trigger a recompilation for every new token.
 """
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
+from hydra.core.config_store import ConfigStore
 from torch.nn import functional as F
+
+from gptlab.schema import at_least, knob, non_negative, optional, required
+
+
+@dataclass
+class SampleConfig:
+    """The root of scripts/sample.py (conf/sample.yaml)."""
+
+    checkpoint: Optional[str] = knob(None, required("a .ckpt file, a Hugging Face GPT-2 folder or a hub name"))
+    prompt: str = ""  # empty: start from <|endoftext|>, i.e. an unconditional sample
+    max_new_tokens: int = knob(100, non_negative)  # tokens generated after the prompt
+    temperature: float = knob(0.8, non_negative)  # 0 = greedy; below 1 sharper, above 1 more random
+    top_k: Optional[int] = knob(200, optional(at_least(1)))  # sample among the k most likely tokens; null = all
+    seed: int = knob(1337, non_negative)  # same seed, same samples (0 is valid)
+    num_samples: int = knob(1, at_least(1))
+    stop_at_eot: bool = True  # cut each sample at the first <|endoftext|>
+    compile: bool = False  # torch.compile the model (dynamic shapes: compiles once, not once per token)
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps
+
+
+ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
 
 
 @torch.no_grad()

@@ -1,9 +1,9 @@
-"""Learning-rate schedules: optimizer step -> multiplier of each param group's base LR.
+"""The `scheduler` group: learning-rate schedules, optimizer step -> multiplier of each param group's base LR.
 
-Every option is a pure function of the optimizer step wrapped in LambdaLR, so it works with any optimizer,
-and param groups with different base LRs keep their ratio. `step` counts the updates already made: the first
-update uses multiplier(0), the last multiplier(total_steps - 1). Schedules are sized from the run's
-total_steps (RunPlan.total_steps, derived from the token budget).
+Each option is a config class below whose `decay` is a pure function of the optimizer step, wrapped in LambdaLR,
+so it works with any optimizer, and param groups with different base LRs keep their ratio. `step` counts the
+updates already made: the first update uses multiplier(0), the last multiplier(total_steps - 1). Schedules are
+sized from the run's total_steps (RunPlan.total_steps, derived from the budget).
 
 Warmup composes the same way for every option except inverse_sqrt, whose rule has its own warmup:
 
@@ -13,63 +13,79 @@ Warmup composes the same way for every option except inverse_sqrt, whose rule ha
 so decay(0) = 1, and the decays that end (cosine, linear, wsd) run over the total_steps - warmup_steps steps
 after warmup, reaching min_lr_ratio at step total_steps (just after the last update) and staying there,
 as CosineAnnealingLR(T_max=...) and LinearLR(total_iters=...) do.
+
+A new schedule is one class here (its knobs, their rules, its decay) and its conf/scheduler/<name>.yaml.
+torch is imported only by build_scheduler: these configs are read before torch loads.
 """
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
-import torch
+from omegaconf import MISSING
 
-from gptlab.config import (
-    ConstantConfig,
-    CosineConfig,
-    CosineRestartsConfig,
-    ExponentialConfig,
-    InverseSqrtConfig,
-    LinearConfig,
-    SchedulerConfig,
-    StepConfig,
-    WSDConfig,
-)
+from gptlab.schema import at_least, in_range, knob, non_negative, one_of, option, optional, require
+
+if TYPE_CHECKING:
+    import torch
 
 Multiplier = Callable[[int], float]
+ratio = in_range(0, 1)  # of optimizer.lr
+factor = in_range(0, 1, "(]")  # of the LR, per step or per drop
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int, d_model: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per optimizer step. d_model (the model's width) is used by inverse_sqrt when its own is null."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps, d_model))
+@dataclass
+class ScheduleConfig:
+    """What every option has: a linear warmup, then the option's decay."""
+
+    name: str = MISSING  # the option (conf/scheduler/<name>.yaml)
+    warmup_steps: int = knob(8, non_negative)  # step s < warmup_steps uses lr x (s+1)/warmup_steps; 0: no warmup
+
+    def decay(self, total_steps: int) -> Multiplier:
+        """t = steps since warmup ended -> multiplier, 1 at t = 0."""
+        raise NotImplementedError
+
+    def multiplier(self, total_steps: int, d_model: int) -> Multiplier:
+        """The whole schedule; d_model (the model's width) is for inverse_sqrt."""
+        return with_warmup(self.decay(total_steps), self.warmup_steps)
+
+    def check_length(self, total_steps: int) -> None:
+        """Does the schedule fit a run of total_steps (gptlab.config.validate asks once the budget is known)?"""
+        require(
+            self.warmup_steps <= total_steps,
+            "warmup_steps",
+            f"is longer than the run: {self.warmup_steps} > {total_steps} optimizer steps "
+            f"(set scheduler.warmup_steps to at most {total_steps})",
+        )
 
 
-def lr_multiplier(cfg: SchedulerConfig, total_steps: int, d_model: int) -> Multiplier:
-    if isinstance(cfg, InverseSqrtConfig):
-        return inverse_sqrt(cfg.warmup_steps, cfg.d_model or d_model)
-    return with_warmup(DECAYS[type(cfg)](cfg, total_steps), cfg.warmup_steps)
+@option("scheduler")
+@dataclass
+class CosineConfig(ScheduleConfig):
+    """Linear warmup, then half a cosine down to min_lr_ratio x optimizer.lr at the end of the run
+    (CosineAnnealingLR, T_max = the steps after warmup)."""
+
+    name: str = "cosine"
+    min_lr_ratio: float = knob(0.1, ratio)  # the LR ends at min_lr = min_lr_ratio x optimizer.lr
+
+    def decay(self, total_steps: int) -> Multiplier:
+        span = total_steps - self.warmup_steps
+        return lambda t: _toward(self.min_lr_ratio, 0.5 * (1 + math.cos(math.pi * _progress(t, span))))
 
 
-def with_warmup(decay: Multiplier, warmup_steps: int) -> Multiplier:
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return decay(step - warmup_steps)
+@option("scheduler")
+@dataclass
+class LinearConfig(ScheduleConfig):
+    """Linear warmup, then a straight line down to min_lr_ratio x optimizer.lr (LinearLR, total_iters = the steps
+    after warmup)."""
 
-    return multiplier
+    name: str = "linear"
+    min_lr_ratio: float = knob(0.0, ratio)  # the LR ends at min_lr = min_lr_ratio x optimizer.lr
 
-
-# The decays: (config, total_steps) -> (t = steps since warmup ended -> multiplier).
-
-
-def cosine(cfg: CosineConfig, total_steps: int) -> Multiplier:
-    """Half a cosine from 1 to min_lr_ratio (CosineAnnealingLR, T_max = the steps after warmup)."""
-    span = total_steps - cfg.warmup_steps
-    return lambda t: _toward(cfg.min_lr_ratio, 0.5 * (1 + math.cos(math.pi * _progress(t, span))))
-
-
-def linear(cfg: LinearConfig, total_steps: int) -> Multiplier:
-    """A straight line from 1 to min_lr_ratio (LinearLR, total_iters = the steps after warmup)."""
-    span = total_steps - cfg.warmup_steps
-    return lambda t: _toward(cfg.min_lr_ratio, 1 - _progress(t, span))
+    def decay(self, total_steps: int) -> Multiplier:
+        span = total_steps - self.warmup_steps
+        return lambda t: _toward(self.min_lr_ratio, 1 - _progress(t, span))
 
 
 DECAY_SHAPES: dict[str, Callable[[float], float]] = {  # WSDConfig.decay_shape
@@ -78,67 +94,134 @@ DECAY_SHAPES: dict[str, Callable[[float], float]] = {  # WSDConfig.decay_shape
 }
 
 
-def wsd(cfg: WSDConfig, total_steps: int) -> Multiplier:
-    """Warmup-stable-decay: 1 until the last decay_fraction of the run, then down to min_lr_ratio."""
-    decay_steps = cfg.decay_steps(total_steps)
-    stable = total_steps - cfg.warmup_steps - decay_steps
-    shape = DECAY_SHAPES[cfg.decay_shape]
-    return lambda t: 1.0 if t < stable else _toward(cfg.min_lr_ratio, shape(_progress(t - stable, decay_steps)))
+@option("scheduler")
+@dataclass
+class WSDConfig(ScheduleConfig):
+    """Warmup-stable-decay (Hu et al. 2024 MiniCPM; Hägele et al. 2024): warmup, optimizer.lr held, then the last
+    decay_fraction of the run decays to min_lr_ratio x optimizer.lr."""
+
+    name: str = "wsd"
+    decay_fraction: float = knob(0.2, in_range(0, 1, "(]"))  # share of the run's steps in the final decay
+    decay_shape: str = knob("linear", one_of(*DECAY_SHAPES))  # linear | 1-sqrt (1 - sqrt(progress), Hägele et al. 2024)
+    min_lr_ratio: float = knob(0.0, ratio)  # the LR ends at min_lr = min_lr_ratio x optimizer.lr
+
+    def decay_steps(self, total_steps: int) -> int:
+        return max(1, round(self.decay_fraction * total_steps))
+
+    def decay(self, total_steps: int) -> Multiplier:
+        decay_steps = self.decay_steps(total_steps)
+        stable = total_steps - self.warmup_steps - decay_steps
+        shape = DECAY_SHAPES[self.decay_shape]
+        return lambda t: 1.0 if t < stable else _toward(self.min_lr_ratio, shape(_progress(t - stable, decay_steps)))
+
+    def check_length(self, total_steps: int) -> None:
+        super().check_length(total_steps)
+        decay = self.decay_steps(total_steps)
+        require(
+            self.warmup_steps + decay <= total_steps,
+            "decay_fraction",
+            f"{self.decay_fraction} of the run is {decay} decay steps, which overlap the {self.warmup_steps} warmup "
+            f"steps (together more than the run's {total_steps} steps)",
+        )
 
 
-def step_decay(cfg: StepConfig, total_steps: int) -> Multiplier:
-    """StepLR: times gamma every step_size steps."""
-    return lambda t: cfg.gamma ** (t // cfg.step_size)
+@option("scheduler")
+@dataclass
+class InverseSqrtConfig(ScheduleConfig):
+    """"Attention Is All You Need" (Vaswani et al. 2017), eq. 3: d_model^-0.5 * min(n^-0.5, n * warmup_steps^-1.5),
+    n = step + 1. Exactly that expression, so optimizer.lr scales it and optimizer.lr=1 is the paper's rule (there
+    warmup_steps=4000): linear growth for warmup_steps steps, peaking at (d_model * warmup_steps)^-0.5, then
+    proportional to 1/sqrt(n). warmup_steps=0: no warmup, d_model^-0.5 * n^-0.5 from the first step."""
+
+    name: str = "inverse_sqrt"
+    d_model: Optional[int] = knob(None, optional(at_least(1)))  # the d_model of the rule; null: model.n_embd
+
+    def multiplier(self, total_steps: int, d_model: int) -> Multiplier:
+        d_model, warmup = self.d_model or d_model, self.warmup_steps
+
+        def multiplier(step: int) -> float:
+            n = step + 1
+            ramp = n * warmup**-1.5 if warmup else math.inf
+            return d_model**-0.5 * min(n**-0.5, ramp)
+
+        return multiplier
 
 
-def exponential(cfg: ExponentialConfig, total_steps: int) -> Multiplier:
-    """ExponentialLR: times gamma every step."""
-    return lambda t: cfg.gamma**t
+@option("scheduler")
+@dataclass
+class StepConfig(ScheduleConfig):
+    """StepLR: after warmup, multiply the LR by gamma every step_size optimizer steps."""
+
+    name: str = "step"
+    step_size: int = knob(16, at_least(1))  # optimizer steps between drops
+    gamma: float = knob(0.5, factor)  # factor per drop
+
+    def decay(self, total_steps: int) -> Multiplier:
+        return lambda t: self.gamma ** (t // self.step_size)
 
 
-def cosine_restarts(cfg: CosineRestartsConfig, total_steps: int) -> Multiplier:
-    """SGDR (Loshchilov & Hutter 2017), CosineAnnealingWarmRestarts: cosine cycles of T_0, T_0*T_mult, ... steps,
-    each from 1 down towards min_lr_ratio, restarting at 1."""
+@option("scheduler")
+@dataclass
+class ExponentialConfig(ScheduleConfig):
+    """ExponentialLR: after warmup, multiply the LR by gamma every optimizer step."""
 
-    def multiplier(t: int) -> float:
-        period = cfg.T_0
-        if cfg.T_mult == 1:
-            t %= period
-        while t >= period:
-            t -= period
-            period *= cfg.T_mult
-        return _toward(cfg.min_lr_ratio, 0.5 * (1 + math.cos(math.pi * t / period)))
+    name: str = "exponential"
+    gamma: float = knob(0.95, factor)  # factor per optimizer step
 
-    return multiplier
+    def decay(self, total_steps: int) -> Multiplier:
+        return lambda t: self.gamma**t
 
 
-def constant(cfg: ConstantConfig, total_steps: int) -> Multiplier:
-    return lambda t: 1.0
+@option("scheduler")
+@dataclass
+class CosineRestartsConfig(ScheduleConfig):
+    """SGDR (Loshchilov & Hutter 2017), torch's CosineAnnealingWarmRestarts: after warmup, cosine cycles of T_0,
+    T_0*T_mult, ... steps, each from optimizer.lr down towards min_lr_ratio x optimizer.lr, restarting at the top."""
+
+    name: str = "cosine_restarts"
+    T_0: int = knob(10, at_least(1))  # optimizer steps in the first cycle
+    T_mult: int = knob(2, at_least(1))  # each cycle is T_mult times longer than the one before
+    min_lr_ratio: float = knob(0.0, ratio)  # eta_min = min_lr_ratio x optimizer.lr
+
+    def decay(self, total_steps: int) -> Multiplier:
+        def multiplier(t: int) -> float:
+            period = self.T_0
+            if self.T_mult == 1:
+                t %= period
+            while t >= period:
+                t -= period
+                period *= self.T_mult
+            return _toward(self.min_lr_ratio, 0.5 * (1 + math.cos(math.pi * t / period)))
+
+        return multiplier
 
 
-DECAYS: dict[type, Callable[..., Multiplier]] = {
-    CosineConfig: cosine,
-    LinearConfig: linear,
-    WSDConfig: wsd,
-    StepConfig: step_decay,
-    ExponentialConfig: exponential,
-    CosineRestartsConfig: cosine_restarts,
-    ConstantConfig: constant,
-}
+@option("scheduler")
+@dataclass
+class ConstantConfig(ScheduleConfig):
+    """optimizer.lr throughout, after an optional linear warmup."""
+
+    name: str = "constant"
+    warmup_steps: int = knob(0, non_negative)
+
+    def decay(self, total_steps: int) -> Multiplier:
+        return lambda t: 1.0
 
 
-def inverse_sqrt(warmup_steps: int, d_model: int) -> Multiplier:
-    """Vaswani et al. 2017, eq. 3: d_model^-0.5 * min(step_num^-0.5, step_num * warmup_steps^-1.5), step_num = step + 1.
+def build_scheduler(
+    optimizer: "torch.optim.Optimizer", cfg: ScheduleConfig, total_steps: int, d_model: int
+) -> "torch.optim.lr_scheduler.LambdaLR":
+    """Stepped once per optimizer step. d_model (the model's width) is used by inverse_sqrt when its own is null."""
+    import torch
 
-    Exactly that expression, so optimizer.lr scales it and optimizer.lr=1 is the paper's rule: linear growth for
-    warmup_steps steps, peaking at (d_model * warmup_steps)^-0.5, then proportional to 1/sqrt(step_num).
-    warmup_steps=0: no warmup, d_model^-0.5 * step_num^-0.5 from the first step.
-    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.multiplier(total_steps, d_model))
 
+
+def with_warmup(decay: Multiplier, warmup_steps: int) -> Multiplier:
     def multiplier(step: int) -> float:
-        n = step + 1
-        ramp = n * warmup_steps**-1.5 if warmup_steps else math.inf
-        return d_model**-0.5 * min(n**-0.5, ramp)
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return decay(step - warmup_steps)
 
     return multiplier
 

@@ -23,6 +23,11 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def hydra_launcher() -> str | None:
+    """The hydra/launcher option of this run (basic, joblib, slurm, ...); None outside Hydra."""
+    return HydraConfig.get().runtime.choices.get("hydra/launcher") if HydraConfig.initialized() else None
+
+
 def job_statuses(sweep_dir: Path) -> dict[str, str]:
     """Every job folder under sweep_dir (relative path) -> its summary.json status, "missing" without one."""
     jobs = {}

@@ -1,7 +1,7 @@
 """The training task: validate the config, fit, and write summary.json whatever happens.
 
-Only the config checks run before torch's heavy machinery and Lightning load, so a mistake in a key is
-reported in about a second.
+The config is checked once, into a typed TrainConfig, before torch and Lightning load, so a mistake in a key is
+reported in under a second; the typed config is what the module, the data and the callbacks receive.
 """
 
 import json
@@ -11,13 +11,12 @@ import time
 import traceback
 from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gptlab.config import check_paths, load_config
 from gptlab.data.shards import atomic_write_bytes
 from gptlab.errors import UserInputError
-from gptlab.launch import check_launch, global_rank
+from gptlab.launch import global_rank
 from gptlab.sweep import SUMMARY_FILE, in_multirun
 
 SUMMARY_KEYS = (
@@ -36,12 +35,11 @@ def run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     summary = {key: None for key in SUMMARY_KEYS} | {"status": "failed", "seed": cfg.get("seed")}
     try:
-        train_cfg, plan = load_config(cfg)
+        train_cfg, plan = load_config(cfg)  # once: what follows receives the typed config
         train_cfg = check_paths(train_cfg)  # ckpt_path: a run folder becomes its checkpoints/last.ckpt
-        check_launch(train_cfg, in_multirun(), _hydra_launcher())  # torchrun/srun started what the config says
         from gptlab.fit import fit  # Lightning takes seconds to import: only once the config is known good
 
-        summary.update(fit(train_cfg, plan, OmegaConf.to_container(cfg, resolve=True), run_dir))
+        summary.update(fit(train_cfg, plan, run_dir))
         summary["status"] = "completed"
         return summary
     except UserInputError as e:  # a config mistake, bad data, a diverged run
@@ -70,10 +68,6 @@ def _finish_wandb(exit_code: int) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish(exit_code=exit_code)
-
-
-def _hydra_launcher() -> str | None:
-    return HydraConfig.get().runtime.choices.get("hydra/launcher") if HydraConfig.initialized() else None
 
 
 def _write_summary(run_dir: Path, summary: dict) -> None:

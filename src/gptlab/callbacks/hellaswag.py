@@ -6,8 +6,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from gptlab.config import HellaSwagConfig
 from gptlab.errors import DataError
+from gptlab.eval.config import HellaSwagConfig
 from gptlab.eval.hellaswag import evaluate, hellaswag_file, load_examples
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from gptlab.config import MonitorConfig
+from gptlab.callbacks.config import MonitorConfig
 from gptlab.distributed import full_tensor
 from gptlab.errors import UserInputError
 

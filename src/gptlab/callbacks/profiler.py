@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from gptlab.config import ProfilerConfig
+from gptlab.callbacks.config import ProfilerConfig
 
 
 class TorchProfiler(L.Callback):

@@ -14,12 +14,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gptlab.config import ConfigError, DataConfig, EvalConfig, RunPlan
+from gptlab.config import RunPlan
+from gptlab.data.config import DataConfig
 from gptlab.data.loader import RangeSampler, SequentialBatches, TokenWindows, ValidationBatches
 from gptlab.data.prepare import prepare_dataset
 from gptlab.data.shards import MANIFEST, ShardError, check_dataset, read_manifest
 from gptlab.data.shuffle import ShuffledBatches
 from gptlab.data.tokenizer import RANKS_SHA256
+from gptlab.errors import ConfigError
+from gptlab.eval.config import EvalConfig
 
 AUTO_PREPARED = {"sample"}  # datasets small enough to prepare on first use
 

@@ -20,15 +20,15 @@ import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
-from multiprocessing.pool import Pool
 from dataclasses import asdict, dataclass, field
+from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from gptlab.data import sources
+from gptlab.data.config import DataConfig, PrepareConfig
 from gptlab.data.shards import (
     MANIFEST,
     atomic_write_bytes,
@@ -42,16 +42,13 @@ from gptlab.data.sources import COUNTS, Stream
 from gptlab.data.tokenizer import EOT, RANKS_SHA256, gpt2_tokenizer
 from gptlab.errors import DataError
 
-if TYPE_CHECKING:  # gptlab.config imports torch, which preparing data does not need
-    from gptlab.config import DataConfig, PrepareConfig
-
 SPLITS = ("train", "val")
 STATE = "prepare_state.json"  # the progress of an unfinished prepare; removed once manifest.json is written
 BATCH_CHARS = 1 << 20  # text per tokenizer task: large enough to amortize sending it to a worker
 BATCH_DOCS = 4096  # documents per task, whatever their size (most may be filtered out)
 
 
-def prepare_dataset(cfg: "DataConfig") -> dict:
+def prepare_dataset(cfg: DataConfig) -> dict:
     """Tokenize cfg.source into shards in cfg.dir and return the manifest. An interrupted prepare is
     resumed; a finished one (manifest.json present) is left alone."""
     folder = Path(cfg.dir)
@@ -71,7 +68,7 @@ def prepare_dataset(cfg: "DataConfig") -> dict:
 
 
 def write_dataset(
-    folder: Path, streams: list[Stream], source: dict, prepare: "PrepareConfig", val_fraction: float
+    folder: Path, streams: list[Stream], source: dict, prepare: PrepareConfig, val_fraction: float
 ) -> dict:
     """Tokenize the streams' documents into shards in `folder`, resuming from its saved progress, and
     write the manifest (`source` describes where the documents came from)."""
@@ -197,7 +194,7 @@ class Item:
 class DatasetWriter:
     """Writes the splits of one dataset folder in source order, saving its progress after every shard."""
 
-    def __init__(self, folder: Path, settings: dict, prepare: "PrepareConfig", pool: Pool | None, bar: tqdm):
+    def __init__(self, folder: Path, settings: dict, prepare: PrepareConfig, pool: Pool | None, bar: tqdm):
         self.folder, self.settings, self.prepare, self.pool, self.bar = folder, settings, prepare, pool, bar
         self.progress = load_progress(folder, settings)
         self.splits = {s: SplitWriter(folder, s, prepare.shard_tokens, p.shards) for s, p in self.progress.items()}

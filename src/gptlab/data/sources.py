@@ -18,16 +18,13 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from gptlab.data.config import DataConfig, FilterConfig
 from gptlab.errors import DataError
-
-if TYPE_CHECKING:  # gptlab.config imports torch, which preparing data does not need
-    from gptlab.config import DataConfig, FilterConfig
 
 SUFFIXES = (".parquet", ".jsonl", ".jsonl.zst", ".txt")
 PARQUET_BATCH_ROWS = 1024  # rows decoded at a time: a few MB of FineWeb text
@@ -50,7 +47,7 @@ class Stream:
     origin: str | list[str]  # the hub split, or the local files relative to their folder
 
 
-def streams(cfg: "DataConfig") -> list[Stream]:
+def streams(cfg: DataConfig) -> list[Stream]:
     """The streams of cfg, validation first; local files are listed now, so a bad path fails early."""
     if cfg.name == "sample":  # the built-in corpus (gptlab.data.sample builds on this module)
         from gptlab.data.sample import sample_stream
@@ -80,7 +77,7 @@ def is_hub_id(source: str) -> bool:
 # ---- the Hugging Face Hub
 
 
-def read_hub(cfg: "DataConfig", split: str, start: int) -> Iterator[Document]:
+def read_hub(cfg: DataConfig, split: str, start: int) -> Iterator[Document]:
     """Stream one split from the Hub (nothing is downloaded ahead); a document's default id is "<split>:<row>"."""
     import datasets  # takes a second to import: only when a hub dataset is read
 
@@ -122,7 +119,7 @@ def shared_files(source: str, other: str) -> set[Path]:
     return {p.resolve() for p in local_files(source)[1]} & {p.resolve() for p in local_files(other)[1]}
 
 
-def read_local(cfg: "DataConfig", base: Path, files: list[Path], start: int) -> Iterator[Document]:
+def read_local(cfg: DataConfig, base: Path, files: list[Path], start: int) -> Iterator[Document]:
     """Documents of the files from the start-th on; a document's default id is "<relative path>:<row>"."""
     for path in files:
         if start:  # skip whole files without decoding them
@@ -136,7 +133,7 @@ def read_local(cfg: "DataConfig", base: Path, files: list[Path], start: int) -> 
         start = 0
 
 
-def read_records(cfg: "DataConfig", path: Path, skip: int) -> Iterator[tuple[int, str, dict]]:
+def read_records(cfg: DataConfig, path: Path, skip: int) -> Iterator[tuple[int, str, dict]]:
     """(row, where, record) of a file from row `skip` on; `where` locates the record in messages."""
     if path.name.endswith(".parquet"):
         yield from parquet_records(cfg, path, skip)
@@ -155,7 +152,7 @@ def count_rows(path: Path) -> int:
     return sum(1 for line in json_lines(path) if line.strip())
 
 
-def parquet_records(cfg: "DataConfig", path: Path, skip: int) -> Iterator[tuple[int, str, dict]]:
+def parquet_records(cfg: DataConfig, path: Path, skip: int) -> Iterator[tuple[int, str, dict]]:
     parquet = open_parquet(path)
     names = parquet.schema_arrow.names
     for key, column in (("text_field", cfg.text_field), ("id_field", cfg.id_field)):
@@ -230,7 +227,7 @@ def relative(path: Path, base: Path) -> str:
 # ---- documents, filters and what becomes of them
 
 
-def document(cfg: "DataConfig", record: dict, default_id: str, where: str) -> Document:
+def document(cfg: DataConfig, record: dict, default_id: str, where: str) -> Document:
     """The Document of a source record: text from cfg.text_field, id from cfg.id_field or `default_id`."""
     if cfg.text_field not in record:
         raise DataError(f"{where}: no field {cfg.text_field!r} (data.text_field); it has: {', '.join(record)}")
@@ -251,7 +248,7 @@ def document(cfg: "DataConfig", record: dict, default_id: str, where: str) -> Do
     return Document(str(record[cfg.id_field]), text, record)
 
 
-def verdict(doc: Document, filters: list["FilterConfig"]) -> str:
+def verdict(doc: Document, filters: list[FilterConfig]) -> str:
     """What becomes of a document: one of COUNTS."""
     if not is_utf8(doc.text):
         return "skipped_non_utf8"
@@ -262,7 +259,7 @@ def verdict(doc: Document, filters: list["FilterConfig"]) -> str:
     return "kept"
 
 
-def passes(row: dict, f: "FilterConfig") -> bool:
+def passes(row: dict, f: FilterConfig) -> bool:
     """Whether `row` passes the filter; a missing field (or null) fails it, as does a non-number for min/max."""
     value = row
     for key in f.field.split("."):

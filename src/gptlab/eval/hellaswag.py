@@ -13,16 +13,44 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 from urllib.request import urlopen
 
 import torch
 import torch.distributed as dist
+from hydra.core.config_store import ConfigStore
 from torch.nn import functional as F
 
+from gptlab.config import PathsConfig
 from gptlab.data.tokenizer import gpt2_tokenizer
 from gptlab.errors import DataError
+from gptlab.eval.config import HellaSwagFileConfig
+from gptlab.schema import at_least, knob, one_of, optional, required
+
+
+@dataclass
+class _HellaSwagFileSection:
+    hellaswag: HellaSwagFileConfig = field(default_factory=HellaSwagFileConfig)
+
+
+@dataclass
+class EvalHellaSwagConfig:
+    """The root of scripts/eval_hellaswag.py (conf/eval_hellaswag.yaml)."""
+
+    checkpoint: Optional[str] = knob(None, required("a gptlab .ckpt, a Hugging Face GPT-2 folder or a hub name"))
+    limit: Optional[int] = knob(None, optional(at_least(1)))  # score only the first N examples; null: all 10,042
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:1 ...
+    # autocast dtype; auto: bf16 on a GPU that has it, else fp32 (not `precision`: that names the training group)
+    dtype: str = knob("auto", one_of("auto", "fp32", "bf16", "fp16"))
+    batch_size: int = knob(16, at_least(1))  # examples per forward pass (4 rows each); lower it if out of memory
+    compile: bool = False  # torch.compile the model first (pays off on the full split on a GPU)
+    eval: _HellaSwagFileSection = field(default_factory=_HellaSwagFileSection)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+ConfigStore.instance().store(name="eval_hellaswag_schema", node=EvalHellaSwagConfig)
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 FILE_NAME = "hellaswag_val.jsonl"  # the validation split: 10,042 examples

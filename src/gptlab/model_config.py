@@ -1,0 +1,91 @@
+"""The `model` group: GPTConfig, every architecture choice of gptlab/model.py with its default and rule.
+
+Kept out of model.py, which loads torch (seconds), so that a mistake in a config is reported in under a second.
+The defaults are GPT-2 small; conf/model/<size>.yaml states only what differs.
+
+A checkpoint keeps this config on its own (`gpt_config`, versioned), so the eval, sample and export scripts
+and a resumed run rebuild the GPT through these rules alone, whatever the training rules of the day.
+"""
+
+from dataclasses import asdict, dataclass
+
+from gptlab.errors import ConfigError, DataError
+from gptlab.schema import at_least, check, in_range, knob, one_of, positive, require, typed
+
+GPT_CONFIG_KEY = "gpt_config"  # in a checkpoint: the model's config on its own (gpt_config_record)
+GPT2_VOCAB = 50257  # ids the GPT-2 tokenizer can produce; the model's vocab_size must cover them
+VERSION = 1  # of the record a checkpoint keeps: bump it, and migrate in gpt_config_from_record, if a field changes
+LEGACY_VERSION = 0  # checkpoints written before the record existed: the same fields, in hyper_parameters.config.model
+
+probability = in_range(0, 1, "[)")  # of a dropout, or label smoothing
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = knob(1024, at_least(1))  # longest sequence the position embedding covers
+    vocab_size: int = knob(50304, at_least(GPT2_VOCAB))  # GPT-2's 50257 tokens padded to a multiple of 64
+    n_layer: int = knob(12, at_least(1))
+    n_head: int = knob(12, at_least(1))
+    n_embd: int = knob(768, at_least(1))  # d_model; a multiple of n_head
+    # architecture
+    # pre: x + f(norm(x)), GPT-2 | post: norm(x + f(x)), the original Transformer (no final norm)
+    norm_position: str = knob("pre", one_of("pre", "post"))
+    norm: str = knob("layernorm", one_of("layernorm", "rmsnorm"))  # rmsnorm: x / rms(x) * weight (no centring, bias)
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2 has them
+    tie_embeddings: bool = True  # the output head shares the token embedding's weight (Press & Wolf, 2017)
+    # sdpa: F.scaled_dot_product_attention (fused kernels) | manual: softmax(QK^T/sqrt(d) + mask) V written out
+    attention: str = knob("sdpa", one_of("sdpa", "manual"))
+    # initialization (see GPT._init_linear): gpt2: N(0, init_std), residual projections / sqrt(2 n_layer) |
+    # normal: N(0, init_std) | xavier: xavier_normal_ | kaiming: kaiming_normal_ (fan_in, relu gain)
+    init: str = knob("gpt2", one_of("gpt2", "normal", "xavier", "kaiming"))
+    init_std: float = knob(0.02, positive)  # std of gpt2 / normal init, and of the embeddings under every scheme
+    # regularization, in training only
+    embd_dropout: float = knob(0.0, probability)  # on token + position embeddings (HF GPT-2: embd_pdrop)
+    attn_dropout: float = knob(0.0, probability)  # on the attention weights (attn_pdrop)
+    resid_dropout: float = knob(0.0, probability)  # on each residual branch's output (resid_pdrop)
+    label_smoothing: float = knob(0.0, probability)  # of the training loss; validation and HellaSwag: plain CE
+    # memory and speed: neither changes the function the model computes
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    compile: bool = False  # torch.compile the model (training, validation, HellaSwag)
+
+    def check(self) -> None:
+        require(
+            self.n_embd % self.n_head == 0,
+            "n_embd",
+            f"must be divisible by n_head (got n_embd={self.n_embd}, n_head={self.n_head})",
+        )
+
+
+# Fields that change neither the weights' shapes nor the function they compute: a resumed run may change them.
+RUNTIME_FIELDS = ("activation_checkpointing", "compile")
+
+
+def gpt_config_record(config: GPTConfig) -> dict:
+    """What a checkpoint keeps of the model: plain values and the record's version."""
+    return {"version": VERSION, **asdict(config)}
+
+
+def gpt_config_from_record(record: dict, where: str = "the checkpoint") -> GPTConfig:
+    """The GPTConfig of a checkpoint's record, checked by the model's own rules only (a checkpoint stays loadable
+    when a training rule changes). A record gptlab cannot read is a DataError naming `where`."""
+    fields = dict(record)
+    version = fields.pop("version", LEGACY_VERSION)
+    if version > VERSION:
+        raise DataError(f"{where} holds a model config of version {version}; this gptlab reads up to {VERSION}")
+    try:
+        config = typed(GPTConfig, fields, "model")
+        check(config, "model.")
+    except ConfigError as e:
+        raise DataError(f"{where} holds a model config gptlab cannot use ({e})") from None
+    return config
+
+
+def gpt_config_from_checkpoint(checkpoint: dict, where: str = "the checkpoint") -> GPTConfig:
+    """The GPTConfig a loaded checkpoint (or a sharded one's meta.pt) was written with: its own record, or for
+    checkpoints written before the record existed, the model section of the run's config."""
+    record = checkpoint.get(GPT_CONFIG_KEY)
+    if record is None:  # LEGACY_VERSION
+        record = checkpoint.get("hyper_parameters", {}).get("config", {}).get("model")
+    if not isinstance(record, dict):
+        raise DataError(f"{where} holds no model config: not a checkpoint written by gptlab's scripts/train.py")
+    return gpt_config_from_record(record, where)
