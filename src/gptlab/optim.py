@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 GPTLAB_KEYS = ("name", "weight_decay", "decay_embeddings")  # fields gptlab applies itself, not torch keywords
-betas = each(in_range(0, 1, "[)"), 2)
+decay_rates = each(in_range(0, 1, "[)"), 2)  # Adam's betas
 
 
 @dataclass
@@ -55,7 +55,7 @@ class OptimizerConfig:
 class AdamFamilyConfig(OptimizerConfig):
     """What Adam and its variants share: the decay rates of the gradient's moment estimates, and eps."""
 
-    betas: list[float] = knob([0.9, 0.95], betas)  # decay rates of the gradient's first and second moment estimates
+    betas: list[float] = knob([0.9, 0.95], decay_rates)  # decay rates of the first and second moment estimates
     eps: float = knob(1e-8, positive)  # added to the denominator sqrt(v) for stability
 
 
@@ -157,7 +157,7 @@ class MuonAdamWConfig:
     """The AdamW that steps what Muon does not: embeddings, the output head, biases and norm weights."""
 
     lr: float = knob(3e-3, positive)  # its peak learning rate
-    betas: list[float] = knob([0.9, 0.95], betas)
+    betas: list[float] = knob([0.9, 0.95], decay_rates)
     eps: float = knob(1e-8, positive)
     weight_decay: float = knob(0.0, non_negative)  # decoupled, on the embeddings and an untied head
 
