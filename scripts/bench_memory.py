@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
 from gptlab.model import GPT, GPTConfig
-from gptlab.schema import check, typed
+from gptlab.errors import exit_on_user_error
+from gptlab.schema import load
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
@@ -32,9 +33,7 @@ MB = 2**20
 def model_config(name: str, overrides: list[str]) -> GPTConfig:
     """conf/model/<name>.yaml on top of GPTConfig's defaults, then the overrides, checked by the model's rules."""
     option = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml") or {}
-    config = typed(GPTConfig, OmegaConf.merge(option, OmegaConf.from_dotlist(overrides)), "model")
-    check(config, "model.")
-    return config
+    return load(GPTConfig, OmegaConf.merge(option, OmegaConf.from_dotlist(overrides)), "model")
 
 
 def autocast(device: str, precision: str):
@@ -115,6 +114,7 @@ def measure(config: GPTConfig, batch_size: int, seq_len: int, device: str, preci
     return result
 
 
+@exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt2_tiny", help="a conf/model option")

@@ -20,22 +20,36 @@ os.environ["WANDB_MODE"] = "offline"  # never reach for the network, whatever a 
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def compose_train(overrides: list[str] = (), output_dir: Path | None = None, data_dir: Path | None = None) -> DictConfig:
-    """The config `python scripts/train.py <overrides>` would get, without Hydra's own node. A mistake Hydra finds
-    while composing (an unknown key, a value of the wrong type) raises the ConfigError the script would report."""
+def compose_root(root: str, overrides: list[str] = (), output_dir: Path | None = None) -> DictConfig:
+    """The config `python scripts/<script>.py <overrides>` would get from conf/<root>.yaml, without Hydra's own
+    node. A mistake Hydra finds while composing (an unknown key, a value of the wrong type) raises the ConfigError
+    the script would report."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         try:
-            cfg = compose(config_name="train", overrides=list(overrides))
+            cfg = compose(config_name=root, overrides=list(overrides))
         except Exception as e:
-            error = composition_error(e)
-            if error is None:
-                raise
-            raise error from e
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir or "/nonexistent/run")
-        if data_dir is not None:
+            raise composition_error(e) or e from e
+    if "paths" in cfg:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir or "/nonexistent/run")  # Hydra's run folder: a running script's
+    return cfg
+
+
+def compose_train(overrides: list[str] = (), output_dir: Path | None = None, data_dir: Path | None = None) -> DictConfig:
+    cfg = compose_root("train", overrides, output_dir)
+    if data_dir is not None:
+        with open_dict(cfg):
             cfg.paths.data_dir = str(data_dir)
     return cfg
+
+
+def script_schemas() -> dict[str, type]:
+    """conf/<root>.yaml -> the schema of that script's config (registered where it lives: modules that load torch)."""
+    from gptlab.eval.hellaswag import EvalHellaSwagConfig
+    from gptlab.hf import ExportHFConfig
+    from gptlab.sample import SampleConfig
+
+    return {"sample": SampleConfig, "eval_hellaswag": EvalHellaSwagConfig, "export_hf": ExportHFConfig}
 
 
 @pytest.fixture

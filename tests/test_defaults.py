@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from gptlab.config import TrainConfig
 from gptlab.schema import schema_of
-from tests.conftest import CONF
+from tests.conftest import CONF, script_schemas
 
 ROOTS = ("train", "prepare", "sample", "eval_hellaswag", "export_hf")  # conf/<root>.yaml: the scripts' configs
 PRESETS = ("experiment", "debug", "hparams_search")  # `# @package _global_`
@@ -20,12 +20,7 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in (
 SINGLE_SCHEMA = {f.name: f.type for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(f.type)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def script_schemas():
-    """The scripts register their roots' schemas where they live (modules that load torch)."""
-    import gptlab.eval.hellaswag  # noqa: F401
-    import gptlab.hf  # noqa: F401
-    import gptlab.sample  # noqa: F401
+SCRIPT_SCHEMAS = script_schemas()  # and registers them with Hydra
 
 
 def leaves(node, prefix: str = "") -> dict[str, object]:
@@ -150,18 +145,10 @@ def test_dataclass_built_option_equals_the_composed_one(group, option):
 
 def test_dataclass_built_roots_equal_the_composed_ones():
     """TrainConfig's top-level keys, and every script's root, are their schemas' defaults."""
-    import gptlab.eval.hellaswag
-    import gptlab.hf
-    import gptlab.sample
-
     train = compose_with(CONF, "train", [])
     defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False)
     scalars = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SINGLE_SCHEMA]
     scalars = [k for k in scalars if not isinstance(train[k], dict)]
     assert {k: train[k] for k in scalars} == {k: defaults[k] for k in scalars}
-    for root, schema in [
-        ("sample", gptlab.sample.SampleConfig),
-        ("eval_hellaswag", gptlab.eval.hellaswag.EvalHellaSwagConfig),
-        ("export_hf", gptlab.hf.ExportHFConfig),
-    ]:
+    for root, schema in SCRIPT_SCHEMAS.items():
         assert compose_with(CONF, root, []) == OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)

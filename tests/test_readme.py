@@ -7,15 +7,12 @@ import re
 import shlex
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep
-from omegaconf import open_dict
 
 from gptlab.config import load_config, load_data_config
-from gptlab.errors import composition_error
 from gptlab.schema import load
-from tests.conftest import CONF, ROOT, compose_train
+from tests.conftest import ROOT, compose_root, compose_train, script_schemas
 
 SCRIPTS = {"train.py", "prepare_data.py", "sample.py", "eval_hellaswag.py", "export_hf.py"}
 
@@ -59,34 +56,14 @@ def jobs(arguments: list[str]) -> list[list[str]]:
     return [list(job) for job in itertools.product(*axes)]
 
 
-def compose_root(root: str, overrides: list[str]):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        try:
-            cfg = compose(config_name=root, overrides=overrides)
-        except Exception as e:
-            raise composition_error(e) or e from e
-    if "paths" in cfg:
-        with open_dict(cfg):
-            cfg.paths.output_dir = "/nonexistent/run"  # Hydra's run folder, which only a running script has
-    return cfg
-
-
 def check(script: str, overrides: list[str]) -> None:
-    if script == "train.py":
+    root = script.removesuffix(".py")
+    if root == "train":
         load_config(compose_train(overrides), command_line=overrides)
-    elif script == "prepare_data.py":
+    elif root == "prepare_data":
         load_data_config(compose_root("prepare", overrides))
     else:
-        import gptlab.eval.hellaswag
-        import gptlab.hf
-        import gptlab.sample
-
-        root, schema = {
-            "sample.py": ("sample", gptlab.sample.SampleConfig),
-            "eval_hellaswag.py": ("eval_hellaswag", gptlab.eval.hellaswag.EvalHellaSwagConfig),
-            "export_hf.py": ("export_hf", gptlab.hf.ExportHFConfig),
-        }[script]
-        load(schema, compose_root(root, overrides))
+        load(script_schemas()[root], compose_root(root, overrides))
 
 
 def test_the_readme_shows_commands_of_every_script():

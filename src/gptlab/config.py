@@ -30,6 +30,7 @@ from gptlab.schema import (
     at_least,
     check,
     knob,
+    load,
     non_negative,
     one_of,
     option,
@@ -208,6 +209,8 @@ def load_config(cfg: DictConfig | dict, command_line: Sequence[str] | None = Non
 
     command_line: the overrides the user typed (by default Hydra's, for this job); a budget key given there wins
     over the config's other budget key."""
+    from gptlab.sweep import hydra_overrides
+
     train = to_train_config(cfg)
     check(train)
     return validate(train, hydra_overrides() if command_line is None else command_line)
@@ -230,13 +233,6 @@ def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
         )
     root = typed(TrainConfig, {**raw, **{group: None for group in UNION_GROUPS}})
     return dataclasses.replace(root, **groups)
-
-
-def hydra_overrides() -> list[str]:
-    """The overrides of the running Hydra job (the command line's, and a sweep job's own values); [] outside Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def validate(cfg: TrainConfig, command_line: Sequence[str] = ()) -> tuple[TrainConfig, RunPlan]:
@@ -337,9 +333,7 @@ ConfigStore.instance().store(name="prepare_schema", node=PrepareDataConfig)
 
 def load_data_config(cfg: DictConfig | dict) -> DataConfig:
     """The `data` group of a composed config (scripts/prepare_data.py's, or a training one), checked."""
-    data = typed(DataConfig, resolve(cfg).get("data"), "data")
-    check(data, "data.")
-    return data
+    return load(DataConfig, resolve(cfg).get("data") or {}, "data")
 
 
 CHECKPOINTS_DIR = "checkpoints"  # in a run folder: last.ckpt and the periodic step_XXXXXX.ckpt

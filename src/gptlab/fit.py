@@ -8,7 +8,6 @@ import warnings
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_only
@@ -28,7 +27,7 @@ from gptlab.loggers import build_loggers
 from gptlab.module import GPTModule
 from gptlab.provenance import write_provenance
 from gptlab.resume import AtomicCheckpointIO, RandomState, RunCheckpoint
-from gptlab.sweep import in_multirun
+from gptlab.sweep import hydra_choices, hydra_overrides, in_multirun
 
 # Lightning 2.6 on torch 2.13 warns on every run about an internal use of a deprecated torch API.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -54,7 +53,7 @@ def fit(cfg: TrainConfig, plan: RunPlan, run_dir: Path) -> dict:
     datamodule = TokenDataModule(cfg.data, cfg.eval, plan, cfg.seed)
     callbacks = _build_callbacks(cfg, plan, run_dir)
     throughput, hellaswag = callbacks[ThroughputMonitor], callbacks[HellaSwagEval]
-    overrides, choices = _hydra_overrides()
+    overrides, choices = hydra_overrides(), hydra_choices()
     loggers = build_loggers(cfg, run_dir, run_name=",".join(overrides) or run_dir.name)
     for logger in loggers:
         logger.log_hyperparams({**asdict(cfg), "overrides": overrides, "choices": choices, "plan": asdict(plan)})
@@ -158,13 +157,6 @@ def _precision_args(cfg: TrainConfig) -> dict:
     if flag == "16-mixed" and on_cpu:
         return {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}
     return {"precision": flag}
-
-
-def _hydra_overrides() -> tuple[list[str], dict]:
-    if not HydraConfig.initialized():
-        return [], {}
-    hydra_cfg = HydraConfig.get()
-    return list(hydra_cfg.overrides.task), dict(hydra_cfg.runtime.choices)
 
 
 def _architecture(m) -> str:

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from gptlab.config import CsvLoggerConfig, TrainConfig, WandbLoggerConfig
 from gptlab.data.shards import atomic_write_bytes
 from gptlab.resume import checkpoint_step
-from gptlab.sweep import in_multirun
+from gptlab.sweep import hydra_choices, in_multirun
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = Path("wandb") / "run_id"  # in the run folder: the W&B run a resume into this folder continues
@@ -105,8 +105,7 @@ def _wandb_group(cfg: TrainConfig) -> str | None:
 
 def _wandb_tags(cfg: TrainConfig) -> list[str]:
     """cfg.tags, and the experiment preset's name (`experiment=`) when there is one."""
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    experiment = choices.get("experiment")
+    experiment = hydra_choices().get("experiment")
     return list(dict.fromkeys([*cfg.tags, *([experiment] if experiment else [])]))
 
 

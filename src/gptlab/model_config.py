@@ -1,6 +1,6 @@
 """The `model` group: GPTConfig, every architecture choice of gptlab/model.py with its default and rule.
 
-Kept out of model.py, which loads torch (seconds), so that a mistake in a config is reported in under a second.
+Kept out of model.py, which loads torch (seconds), so that a mistake in a config is reported in about a second.
 The defaults are GPT-2 small; conf/model/<size>.yaml states only what differs.
 
 A checkpoint keeps this config on its own (`gpt_config`, versioned), so the eval, sample and export scripts
@@ -10,7 +10,7 @@ and a resumed run rebuild the GPT through these rules alone, whatever the traini
 from dataclasses import asdict, dataclass
 
 from gptlab.errors import ConfigError, DataError
-from gptlab.schema import at_least, check, in_range, knob, one_of, positive, require, typed
+from gptlab.schema import at_least, in_range, knob, load, one_of, positive, require
 
 GPT_CONFIG_KEY = "gpt_config"  # in a checkpoint: the model's config on its own (gpt_config_record)
 GPT2_VOCAB = 50257  # ids the GPT-2 tokenizer can produce; the model's vocab_size must cover them
@@ -73,18 +73,16 @@ def gpt_config_from_record(record: dict, where: str = "the checkpoint") -> GPTCo
     if version > VERSION:
         raise DataError(f"{where} holds a model config of version {version}; this gptlab reads up to {VERSION}")
     try:
-        config = typed(GPTConfig, fields, "model")
-        check(config, "model.")
+        return load(GPTConfig, fields, "model")
     except ConfigError as e:
         raise DataError(f"{where} holds a model config gptlab cannot use ({e})") from None
-    return config
 
 
 def gpt_config_from_checkpoint(checkpoint: dict, where: str = "the checkpoint") -> GPTConfig:
     """The GPTConfig a loaded checkpoint (or a sharded one's meta.pt) was written with: its own record, or for
     checkpoints written before the record existed, the model section of the run's config."""
     record = checkpoint.get(GPT_CONFIG_KEY)
-    if record is None:  # LEGACY_VERSION
+    if record is None:  # LEGACY_VERSION: the record did not exist yet
         record = checkpoint.get("hyper_parameters", {}).get("config", {}).get("model")
     if not isinstance(record, dict):
         raise DataError(f"{where} holds no model config: not a checkpoint written by gptlab's scripts/train.py")

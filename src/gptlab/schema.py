@@ -166,10 +166,11 @@ def schema_of(group: str, node: Any) -> type:
     return options[name]
 
 
-def load(schema: type, cfg: DictConfig | dict) -> Any:
-    """A composed config (e.g. a script's root) as a checked instance of `schema`: resolved, typed, rules applied."""
-    config = typed(schema, resolve(cfg))
-    check(config)
+def load(schema: type, cfg: DictConfig | dict, prefix: str = "") -> Any:
+    """A config (a script's root, or the group at `prefix`) as a checked instance of `schema`: resolved, typed,
+    every rule applied; a ConfigError names the key with its prefix."""
+    config = typed(schema, resolve(cfg), prefix)
+    check(config, f"{prefix}." if prefix else "")
     return config
 
 

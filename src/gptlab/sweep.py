@@ -23,9 +23,19 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def hydra_overrides() -> list[str]:
+    """This job's overrides: the command line's, and a sweep job's own values; [] outside Hydra."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def hydra_choices() -> dict[str, str]:
+    """The option picked in each config group (model: gpt2_tiny, hydra/launcher: basic, ...); {} outside Hydra."""
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
 def hydra_launcher() -> str | None:
     """The hydra/launcher option of this run (basic, joblib, slurm, ...); None outside Hydra."""
-    return HydraConfig.get().runtime.choices.get("hydra/launcher") if HydraConfig.initialized() else None
+    return hydra_choices().get("hydra/launcher")
 
 
 def job_statuses(sweep_dir: Path) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """The training task: validate the config, fit, and write summary.json whatever happens.
 
 The config is checked once, into a typed TrainConfig, before torch and Lightning load, so a mistake in a key is
-reported in under a second; the typed config is what the module, the data and the callbacks receive.
+reported in about a second; the typed config is what the module, the data and the callbacks receive.
 """
 
 import json
