@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from gptlab.data.config import DataConfig, PrepareConfig
 from gptlab.data.loader import SequentialBatches, TokenWindows
 from gptlab.data.prepare import prepare_dataset
-from gptlab.data.sample import sample_documents
+from gptlab.data.sample_corpus import sample_documents
 from gptlab.data.shards import read_manifest, shard_name, write_manifest, write_shard
 from gptlab.data.shuffle import ShuffledBatches
 from gptlab.data.tokenizer import EOT

@@ -35,7 +35,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from gptlab.config import load_config  # noqa: E402
 from gptlab.data.datamodule import TokenDataModule  # noqa: E402
-from gptlab.fit import _build_callbacks, _build_trainer  # noqa: E402
+from gptlab.fit import build_callbacks, build_trainer  # noqa: E402
 from gptlab.loggers import build_loggers  # noqa: E402
 from gptlab.model import GPT  # noqa: E402
 from gptlab.module import GPTModule  # noqa: E402
@@ -102,10 +102,10 @@ def run_gptlab(cfg, warmup: int, steps: int, run_dir: Path) -> float:
     torch.set_float32_matmul_precision(train_cfg.precision.matmul_precision)
     module = GPTModule(train_cfg, plan)
     datamodule = TokenDataModule(train_cfg.data, train_cfg.eval, plan, train_cfg.seed)
-    callbacks = [c for c in _build_callbacks(train_cfg, plan, run_dir).values() if c is not None]
+    callbacks = build_callbacks(train_cfg, plan, run_dir)
     clock = StepClock(warmup, warmup + steps)
     loggers = build_loggers(train_cfg, run_dir, run_name="bench_train")
-    trainer = _build_trainer(train_cfg, plan, run_dir, loggers, [*callbacks, clock])
+    trainer = build_trainer(train_cfg, plan, run_dir, loggers, [*callbacks, clock])
     trainer.fit(module, datamodule=datamodule)
     return clock.tokens_per_s(plan.tokens_per_step)
 

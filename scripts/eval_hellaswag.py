@@ -13,10 +13,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gptlab.checkpoint import load_model
-from gptlab.errors import ConfigError, DataError, exit_on_config_error, exit_on_user_error
+from gptlab.errors import DataError, exit_on_config_error, exit_on_user_error
 from gptlab.eval.config import HellaSwagFileConfig
 from gptlab.eval.hellaswag import EvalHellaSwagConfig, evaluate, hellaswag_file, load_examples
+from gptlab.pretrained import load_model, resolve_device
 from gptlab.schema import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def run(cfg: EvalHellaSwagConfig) -> None:
     examples = load_examples(data_file(cfg.eval.hellaswag))
     model = load_model(cfg.checkpoint, map_location=device)
     if cfg.compile:
-        model = torch.compile(model)
+        model.compile()  # in place: the model keeps its class and config
     started = time.time()
     result = evaluate(
         model, examples, batch_size=cfg.batch_size, device=device, autocast_dtype=AUTOCAST_DTYPES[dtype], limit=cfg.limit
@@ -61,14 +61,6 @@ def data_file(hellaswag: HellaSwagFileConfig) -> Path:
             f"or run once with network so it is downloaded and cached in {cache_dir}"
         )
     return path
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device", f"{name} asked for, but no GPU is available here (use device=cpu)")
-    return name
 
 
 def resolve_dtype(name: str, device: str) -> str:

@@ -11,9 +11,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from gptlab.checkpoint import load_gpt
 from gptlab.errors import exit_on_config_error, exit_on_user_error
 from gptlab.hf import ExportHFConfig, export_hf
+from gptlab.pretrained import load_gpt
 from gptlab.schema import load
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gptlab.checkpoint import load_model
 from gptlab.data.tokenizer import EOT, gpt2_tokenizer
 from gptlab.errors import exit_on_config_error, exit_on_user_error
-from gptlab.sample import SampleConfig, compile_for_sampling, generate
+from gptlab.generate import SampleConfig, compile_for_sampling, generate
+from gptlab.pretrained import load_model, resolve_device
 from gptlab.schema import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def sample(cfg: SampleConfig) -> None:
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     model = load_model(cfg.checkpoint, map_location=device)
     if cfg.compile:
         model = compile_for_sampling(model)
@@ -47,12 +47,6 @@ def sample(cfg: SampleConfig) -> None:
             completion = completion[: completion.index(EOT)]
         print(cfg.prompt + tokenizer.decode(completion))
         print(SEPARATOR)
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared fixtures: composing configs with Hydra's compose API, and a sample dataset prepared once."""
 
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -9,13 +10,15 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-import gptlab  # noqa: F401  (registers config resolvers and schemas)
+import gptlab  # noqa: F401  (registers the config schemas)
 from gptlab.errors import composition_error
+from gptlab.launch import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED = ROOT.parent / "shared"
 
+register_resolvers()  # as every entry point does before Hydra composes conf/
 os.environ["WANDB_MODE"] = "offline"  # never reach for the network, whatever a config says
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -43,11 +46,16 @@ def compose_train(overrides: list[str] = (), output_dir: Path | None = None, dat
     return cfg
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in order (a line cut short fails the test)."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def script_schemas() -> dict[str, type]:
     """conf/<root>.yaml -> the schema of that script's config (registered where it lives: modules that load torch)."""
     from gptlab.eval.hellaswag import EvalHellaSwagConfig
+    from gptlab.generate import SampleConfig
     from gptlab.hf import ExportHFConfig
-    from gptlab.sample import SampleConfig
 
     return {"sample": SampleConfig, "eval_hellaswag": EvalHellaSwagConfig, "export_hf": ExportHFConfig}
 
@@ -77,7 +85,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sample_docs() -> list[tuple[str, str]]:
-    from gptlab.data.sample import sample_documents
+    from gptlab.data.sample_corpus import sample_documents
 
     return sample_documents()
 

@@ -53,6 +53,6 @@ def train_script():
 
 
 if __name__ == "__main__":
-    build_callbacks = fit._build_callbacks
-    fit._build_callbacks = lambda *args: {**build_callbacks(*args), SyncRecorder: SyncRecorder()}
+    build_callbacks = fit.build_callbacks
+    fit.build_callbacks = lambda *args: [*build_callbacks(*args), SyncRecorder()]
     train_script().main()

@@ -13,18 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from gptlab.checkpoint import load_gpt
 from gptlab.config import ConfigError
+from gptlab.pretrained import load_gpt
 from gptlab.train import run
-from tests.conftest import ROOT, compose_train
+from tests.conftest import ROOT, compose_train, read_metrics
 
 DROPOUT = ["model.embd_dropout=0.1", "model.attn_dropout=0.1", "model.resid_dropout=0.1"]  # RNG restore matters
 SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32"]  # still the GPT-2 vocabulary the data needs
 FAST = ["debug=smoke", "logger=none", "eval.hellaswag.enabled=false", *SMALL]
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def logged(run_dir, key):
@@ -47,7 +43,7 @@ def same_weights(a, b):
 
 
 def test_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
-    from gptlab.resume import AtomicCheckpointIO
+    from gptlab.callbacks.checkpoints import AtomicCheckpointIO
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     io = AtomicCheckpointIO()
@@ -75,7 +71,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, monke
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
-    from gptlab.resume import rng_states, set_rng_states
+    from gptlab.callbacks.random_state import rng_states, set_rng_states
 
     def draws():  # Python, NumPy, torch, and a dropout mask
         dropout = torch.nn.functional.dropout(torch.ones(8), 0.5)
@@ -94,7 +90,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
 def test_checkpoint_holds_everything_a_resume_needs(tmp_path, data_dir, monkeypatch):
     """fp16 (so there is a loss scaler), written through the atomic writer, loadable with weights_only."""
-    from gptlab.resume import AtomicCheckpointIO
+    from gptlab.callbacks.checkpoints import AtomicCheckpointIO
 
     written, real_save = [], AtomicCheckpointIO.save_checkpoint
 
@@ -251,6 +247,7 @@ def test_crash_mid_save_then_resume_from_the_run_folder(tmp_path, data_dir, monk
     assert same_weights(straight / "checkpoints" / "last.ckpt", checkpoints / "last.ckpt")
 
 
+@pytest.mark.slow
 def test_resume_into_a_new_folder_with_loader_workers_continues_exactly(tmp_path, data_dir):
     """Resuming from step 2 of a 4-step run into a new folder gives the same losses and weights as never
     stopping: the loader position and the RNG states (dropout) are in the checkpoint. Resuming with another
@@ -285,6 +282,18 @@ def test_resume_from_the_first_half_of_a_run_continues_exactly(tmp_path, data_di
     assert same_weights(straight / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
 
 
+def test_resuming_a_finished_run_validates_its_checkpoint(tmp_path, data_dir):
+    """No steps left: no training, the checkpoint's weights validated, and the summary says so at its step."""
+    overrides = [*FAST, "max_tokens=1024"]
+    done = tmp_path / "done"
+    first = run(compose_train(overrides, done, data_dir))
+    again = run(compose_train([*overrides, f"ckpt_path={done}"], tmp_path / "again", data_dir))
+    assert again["status"] == "completed" and (again["step"], again["tokens"]) == (first["step"], 1024)
+    assert again["val_loss"] == pytest.approx(first["val_loss"], rel=1e-6) and again["train_loss"] is None
+    assert [(m["step"], m["val/loss"]) for m in read_metrics(tmp_path / "again")] == [(2, again["val_loss"])]
+    assert not (tmp_path / "again" / "checkpoints").exists()  # nothing trained, nothing saved
+
+
 def test_metrics_of_a_run_resumed_in_place_read_as_one_run(tmp_path):
     """The lines an interrupted run logged after its checkpoint, and a line cut short by the kill, go."""
     from gptlab.loggers import JsonlLogger
@@ -307,6 +316,7 @@ def wandb_ids(run_dir):
     return [p.name.rsplit("-", 1)[1] for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
 
 
+@pytest.mark.slow
 def test_resuming_into_the_same_folder_continues_the_wandb_run(tmp_path, data_dir):
     common = [*FAST, "logger=wandb"]
     first = tmp_path / "first"
@@ -330,6 +340,7 @@ def test_resuming_into_the_same_folder_continues_the_wandb_run(tmp_path, data_di
 # --- the kill test ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, data_dir):
     """scripts/train.py is killed (SIGKILL) once a random step's checkpoint appears; `ckpt_path=<run folder>`
     into the same folder finishes the run with the final losses and weights of a run never interrupted."""

@@ -9,7 +9,7 @@ import torch
 import gptlab.fit
 from gptlab.config import ConfigError, load_config
 from gptlab.train import run
-from tests.conftest import compose_train
+from tests.conftest import compose_train, read_metrics
 from tests.test_hellaswag import make_records, write_jsonl
 
 # A 3M-parameter model (most of it the 50304-token embedding) on micro-batches of 2 x 16 tokens.
@@ -19,18 +19,14 @@ TINY = [
 ]  # fmt: skip
 
 
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def train_losses(run_dir) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
 
 
 def add_callback(monkeypatch, callback: L.Callback) -> None:
     """Train with one more callback, next to those fit.py builds."""
-    build = gptlab.fit._build_callbacks
-    monkeypatch.setattr(gptlab.fit, "_build_callbacks", lambda *args: {**build(*args), type(callback): callback})
+    build = gptlab.fit.build_callbacks
+    monkeypatch.setattr(gptlab.fit, "build_callbacks", lambda *args: [*build(*args), callback])
 
 
 def test_overfit_memorises_one_batch_and_stops_below_the_threshold(tmp_path, data_dir, capsys):

@@ -152,7 +152,7 @@ def runs(tmp_path_factory, data_dir):
     torchrun = start(
         [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",  # = torchrun, as in the README
-            str(ROOT / "scripts" / "train.py"), *common, *ddp, "logger=csv",
+            str(ROOT / "scripts" / "train.py"), *common, *ddp, "logger=none",
             f"paths.output_root={torchrun_root / 'outputs'}",  # no hydra.run.dir: the ranks agree on a name
         ],
         cwd=torchrun_root,
@@ -255,7 +255,7 @@ def test_torchrun_ranks_share_the_folder_rank_0_names(runs):
     assert [p.parent for p in root.rglob(".hydra")] == [run_dir]  # only rank 0 writes .hydra/
     assert [p.parent for p in root.rglob("summary.json")] == [run_dir]
     assert (run_dir / "train.log").is_file() and (run_dir / "train_rank1.log").is_file()
-    assert (run_dir / "metrics.csv").is_file()  # logger=csv, written by rank 0 into the same folder
+    assert (run_dir / "metrics.jsonl").is_file()  # written by rank 0 into the same folder
     assert out.count("tokens/step") == 1
     assert "4,096 tokens/step = micro-batch 8 x seq 256 x 2 device(s) x 1 accumulation step(s)" in out
 

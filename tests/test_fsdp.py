@@ -20,13 +20,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from gptlab.checkpoint import load_gpt, load_model
+from gptlab.callbacks.checkpoints import checkpoint_step
 from gptlab.config import ConfigError, check_paths, load_config, resolve_ckpt_path
 from gptlab.errors import DataError
 from gptlab.eval.hellaswag import Example, evaluate, load_examples, predict
-from gptlab.resume import checkpoint_step
+from gptlab.pretrained import load_gpt, load_model
 from gptlab.train import run
-from tests.conftest import ROOT, compose_train
+from tests.conftest import ROOT, compose_train, read_metrics
 from tests.test_hellaswag import make_records, tiny_gpt, write_jsonl
 
 # 4 steps of 512 tokens on a small GPT. Under FSDP: 2 ranks x micro-batch 4 x 64 tokens, no accumulation;
@@ -40,10 +40,6 @@ TINY = [
 ]  # fmt: skip
 FSDP = ["distributed=fsdp", "trainer.devices=2", "trainer.accelerator=cpu"]
 TIMEOUT = 300  # a rank waiting on a collective the other never calls hangs: fail instead
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def logged(run_dir: Path, key: str) -> dict[int, float]:
@@ -98,8 +94,8 @@ def single_run(tmp_path_factory, data_dir, hellaswag_data) -> Path:
 
 @pytest.fixture(scope="module")
 def fsdp_sweep(train_fsdp) -> Path:
-    """FULL_SHARD, sharded checkpoints at steps 2 and 4, as the one job of a multirun: its ranks are spawned,
-    since re-running the command line (Lightning's launcher) would re-run the sweep."""
+    """FULL_SHARD, sharded checkpoints at steps 2 and 4, as the one job of a multirun: its ranks run as a torchrun
+    child, since re-running the command line (Lightning's launcher) would re-run the sweep."""
     return train_fsdp("sweep", multirun=True)
 
 
@@ -213,8 +209,8 @@ def test_resume_from_full_checkpoint_is_exact(fsdp_run, resumed_sharded):
 
 
 @pytest.mark.slow
-def test_fsdp_in_a_multirun_spawns_its_ranks_without_rerunning_the_sweep(fsdp_sweep, fsdp_run):
-    """One job folder, whose summary.json holds what the spawned ranks measured."""
+def test_fsdp_in_a_multirun_runs_its_ranks_without_rerunning_the_sweep(fsdp_sweep, fsdp_run):
+    """One job folder, whose summary.json holds what its torchrun ranks measured."""
     assert [p.parent for p in fsdp_sweep.rglob(".hydra")] == [fsdp_run] and (fsdp_sweep / "multirun.yaml").is_file()
     summary = json.loads((fsdp_run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["step"] == 4 and summary["hellaswag_n"] == 5

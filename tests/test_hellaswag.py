@@ -192,14 +192,17 @@ def test_one_compile_per_length_bucket(examples):
         return graph_module.forward
 
     torch._dynamo.reset()
-    model = torch.compile(tiny_gpt(), backend=counting_backend, dynamic=False)
+    model = tiny_gpt()
+    model.compile(backend=counting_backend, dynamic=False)
     predict(model, examples, batch_size=4)  # 4 batches, lengths 32 and 64
     assert len(shapes) == 2
 
 
+@pytest.mark.slow
 def test_compiled_matches_eager(examples, reference):
     torch._dynamo.reset()
-    compiled = torch.compile(tiny_gpt())  # one batch, so one compile: inductor takes ~15 s per shape on CPU
+    compiled = tiny_gpt()
+    compiled.compile()  # one batch, so one compile: inductor takes ~15 s per shape on CPU
     assert torch.equal(predict(compiled, examples, batch_size=len(examples)), reference)
 
 
@@ -212,6 +215,7 @@ def ddp_worker(rank: int, world: int, init_file: str, data: str, out: str) -> No
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_return_the_single_process_numbers(tmp_path, examples):
     data = write_jsonl(tmp_path / "val.jsonl", make_records())
     mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(data), str(tmp_path)), nprocs=2)
@@ -230,6 +234,7 @@ def run_script(*overrides: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_script_prints_json_and_fails_cleanly_without_data(tmp_path):
     config = OmegaConf.to_container(compose_train(["model.n_layer=2"]), resolve=True)
     torch.manual_seed(0)

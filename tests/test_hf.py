@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from gptlab.checkpoint import load_model
 from gptlab.errors import DataError
 from gptlab.hf import GPT2_VOCAB_SIZE, export_hf, gpt_from_hf_model, import_hf_gpt2
 from gptlab.model import GPT, GPTConfig
+from gptlab.pretrained import load_model
 from tests.conftest import ROOT
 from tests.test_sample import make_checkpoint
 
@@ -121,6 +121,7 @@ def test_refusals(tmp_path):
         gpt_from_hf_model(transformers.GPT2LMHeadModel(untied))
 
 
+@pytest.mark.slow
 def test_export_script(tmp_path):
     model = make_checkpoint(tmp_path / "last.ckpt")
     out = tmp_path / "hf"

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -110,46 +109,36 @@ def test_launcher_world(env):
 # --- one run folder per launch ----------------------------------------------------------------------------
 
 
-def test_single_process_draws_a_fresh_name_and_leaves_no_note(env, tmp_path):
+def test_single_process_draws_a_fresh_name(env, tmp_path):
     env({})
-    names = {launch.shared_run_name(str(tmp_path)) for _ in range(3)}
+    names = {launch.run_name(str(tmp_path)) for _ in range(3)}
     assert len(names) == 3 and all(RUN_NAME.fullmatch(n) for n in names)
+    assert not (tmp_path / "runs").exists()  # naming writes nothing
+
+
+def test_ranks_of_one_launch_name_the_same_folder_alone(env, tmp_path):
+    """Every rank computes the name from the launcher's ids: no files, no waiting for rank 0."""
+    for variables, name in ((torchrun_env, "torchrun-3c6af90e-0"), (srun_env, "slurm-4242.0-0")):
+        names = set()
+        for rank in (1, 0):  # in any order
+            env(variables(rank=rank))
+            names.add(launch.run_name(str(tmp_path)))
+        assert names == {name}
     assert not (tmp_path / "runs").exists()
 
 
-def test_ranks_of_one_launch_share_rank_0s_name(tmp_path):
-    """Real processes: rank 1 starts first and waits for rank 0's name; rank 0 deletes its note at exit."""
-    code = "import sys; from gptlab.launch import shared_run_name; print(shared_run_name(sys.argv[1]), flush=True)"
-    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-
-    def start(rank: int, then: str = "") -> subprocess.Popen:
-        env = base | torchrun_env(rank=rank)
-        cmd = [sys.executable, "-c", code + then, str(tmp_path)]
-        return subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    rank1 = start(1)
-    rank0 = start(0, then="; sys.stdin.readline()")  # keeps running (as in training) until told to exit
-    try:
-        name1, _ = rank1.communicate(timeout=120)
-        name0 = rank0.stdout.readline()
-        assert rank1.returncode == 0 and RUN_NAME.fullmatch(name0.strip()) and name1 == name0
-        notes = tmp_path / "runs" / launch.RENDEZVOUS_DIR
-        assert [p.name for p in notes.iterdir()] == ["torchrun-3c6af90e-0"]
-        rank0.communicate("\n", timeout=60)
-    finally:
-        for process in (rank0, rank1):
-            process.kill()  # a no-op for one that has exited
-    assert rank0.returncode == 0 and list(notes.iterdir()) == []  # no stale name for a launch reusing the id
-    assert [p.name for p in (tmp_path / "runs").iterdir()] == [launch.RENDEZVOUS_DIR]  # no run folder made here
-
-
-def test_a_rank_of_another_launch_does_not_read_the_name(env, tmp_path, monkeypatch):
-    env(torchrun_env(rank=0, run_id="aaaa"))
-    launch.shared_run_name(str(tmp_path))
-    env(torchrun_env(rank=1, run_id="bbbb"))
-    monkeypatch.setattr(launch, "RENDEZVOUS_TIMEOUT_S", 0.5)
-    with pytest.raises(TimeoutError, match="rank 0 did not name the run folder"):
-        launch.shared_run_name(str(tmp_path))
+def test_a_launch_reusing_an_id_is_refused_by_rank_0(env, tmp_path):
+    """An earlier launch with the same torchrun --rdzv-id left its run folder: rank 0 refuses to write into it
+    (the other ranks cannot tell it from the folder their own rank 0 is making; torchrun stops them)."""
+    (tmp_path / "runs" / "torchrun-3c6af90e-0" / ".hydra").mkdir(parents=True)
+    env(torchrun_env(rank=1))
+    assert launch.run_name(str(tmp_path)) == "torchrun-3c6af90e-0"
+    env(torchrun_env(rank=0))
+    with pytest.raises(ConfigError, match="holds an earlier launch with the same id") as error:
+        launch.run_name(str(tmp_path))
+    assert error.value.key == "hydra.run.dir"
+    env(torchrun_env(rank=0, restarts=1))  # torchrun restarted the workers: a new folder
+    assert launch.run_name(str(tmp_path)) == "torchrun-3c6af90e-1"
 
 
 def test_launch_ids_differ_per_launch(env):
@@ -164,18 +153,18 @@ def test_launch_ids_differ_per_launch(env):
         {**srun_env(job="1", step="0"), "SLURM_RESTART_COUNT": "1"},  # the job requeued after preemption
     ]:
         env(variables)
-        ids.append(launch._launch_id())
+        ids.append(launch.launch_id())
         env({**variables, "RANK": "1", "SLURM_PROCID": "1"})
-        assert launch._launch_id() == ids[-1]  # the same for every rank
+        assert launch.launch_id() == ids[-1]  # the same for every rank
     assert len(set(ids)) == len(ids)
     env({})
-    assert launch._launch_id() is None
+    assert launch.launch_id() is None
 
 
 def test_torchrun_without_a_run_id_is_refused(env, tmp_path):
     env(torchrun_env(run_id="none"))  # a static rendezvous with no --rdzv-id: every launch would share it
     with pytest.raises(ConfigError, match="--rdzv-id") as error:
-        launch.shared_run_name(str(tmp_path))
+        launch.run_name(str(tmp_path))
     assert error.value.key == "hydra.run.dir"
 
 
@@ -192,7 +181,7 @@ def test_hydra_config_on_rank_0_and_rank_1(env, tmp_path):
     env(torchrun_env(rank=0))
     rank0 = hydra_node(tmp_path)
     run_dir = Path(rank0.run.dir)
-    assert run_dir.parent == tmp_path / "runs" and RUN_NAME.fullmatch(run_dir.name)
+    assert run_dir == tmp_path / "runs" / "torchrun-3c6af90e-0"
     assert rank0.output_subdir == ".hydra" and rank0.job.name == "train"
     env(torchrun_env(rank=1))
     rank1 = hydra_node(tmp_path)
@@ -234,35 +223,12 @@ def test_check_launch_refuses_a_sweep_in_every_rank(env):
     launch.check_launch(cfg(devices=2), multirun=True, hydra_launcher="slurm")
 
 
-# --- errors of spawned ranks -------------------------------------------------------------------------------
-
-
-def raised_in_a_rank(error: Exception):
-    """What torch.multiprocessing raises in the launching process when a spawned rank raised `error`."""
-    from torch.multiprocessing import ProcessRaisedException
-
-    try:
-        try:
-            raise KeyError("a first error the rank handled")
-        except KeyError:
-            raise error
-    except Exception:
-        trace = traceback.format_exc()
-    return ProcessRaisedException(f"\n\n-- Process 1 terminated with the following error:\n{trace}", 1, 4242)
-
-
-def test_user_error_of_a_spawned_rank_keeps_its_label_and_status():
-    config_error = ConfigError("optimizer.lr", "must be > 0\n(got -1)")
-    with pytest.raises(launch.SpawnedRankError) as e:
-        with launch.spawned_rank_errors():
-            raise raised_in_a_rank(config_error)
-    assert (e.value.label, e.value.status) == ("Config error", "config_error")
-    assert str(e.value) == str(config_error)
-    bug = raised_in_a_rank(RuntimeError("size mismatch in\ngptlab.model.GPT: block 3"))  # names a class, no error
-    with pytest.raises(type(bug)) as e:  # a bug stays a traceback
-        with launch.spawned_rank_errors():
-            raise bug
-    assert e.value is bug
+def test_a_multirun_job_on_several_nodes_needs_slurm(env):
+    env({})
+    launch.check_launch(cfg(devices=2), multirun=True, hydra_launcher="basic")  # its ranks run as torchrun children
+    with pytest.raises(ConfigError, match="use hydra/launcher=slurm") as e:
+        launch.check_launch(cfg(devices=2, nodes=2), multirun=True, hydra_launcher="basic")
+    assert e.value.key == "distributed.num_nodes"
 
 
 # --- DDP inside a multirun ----------------------------------------------------------------------------------
@@ -270,7 +236,7 @@ def test_user_error_of_a_spawned_rank_keeps_its_label_and_status():
 
 @pytest.fixture(scope="module")
 def ddp_sweep(tmp_path_factory, data_dir) -> tuple[subprocess.CompletedProcess, Path, Path]:
-    """`-m distributed=ddp trainer.devices=2 optimizer.lr=1e9,3e-3`: a job that diverges in its spawned ranks,
+    """`-m distributed=ddp trainer.devices=2 optimizer.lr=1e9,3e-3`: a job that diverges in its torchrun ranks,
     then one that trains (2 steps of 2 micro-steps per rank; no periodic validation at the last step).
     Returns the process, the tmp root and the sweep folder."""
     root = tmp_path_factory.mktemp("ddp_sweep")
@@ -291,6 +257,7 @@ def job_folder(sweep_dir: Path, lr: str) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_ddp_sweep_runs_each_job_once_and_goes_on_after_a_diverged_job(ddp_sweep):
     proc, root, sweep_dir = ddp_sweep
     output = proc.stdout + proc.stderr
@@ -306,7 +273,8 @@ def test_ddp_sweep_runs_each_job_once_and_goes_on_after_a_diverged_job(ddp_sweep
     assert summary["error"].startswith("Training stopped: non-finite loss at step 2")  # one line, no traceback
 
 
-def test_ddp_sweep_job_results_come_back_from_spawned_ranks(ddp_sweep):
+@pytest.mark.slow
+def test_ddp_sweep_job_results_come_back_from_its_torchrun_ranks(ddp_sweep):
     _, _, sweep_dir = ddp_sweep
     folder = job_folder(sweep_dir, "0.003")
     summary = json.loads((folder / "summary.json").read_text())
@@ -315,11 +283,12 @@ def test_ddp_sweep_job_results_come_back_from_spawned_ranks(ddp_sweep):
         assert isinstance(summary[key], float) and math.isfinite(summary[key]) and summary[key] > 0, key
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     val = [(m["step"], m["val/loss"]) for m in metrics if "val/loss" in m]
-    assert [step for step, _ in val] == [0, 2]  # validated at the last step inside fit: no second launch
+    assert [step for step, _ in val] == [0, 2]  # validated at the last step, inside fit
     assert [loss for _, loss in val] == pytest.approx([summary["val_loss_initial"], summary["val_loss"]])
     assert [m["train/loss"] for m in metrics if "train/loss" in m][-1] == pytest.approx(summary["train_loss"])
 
 
+@pytest.mark.slow
 def test_ddp_sweep_one_finished_wandb_run_per_job(ddp_sweep):
     _, _, sweep_dir = ddp_sweep
     for lr, exit_code, last_step in (("1000000000.0", 1, 1), ("0.003", 0, 2)):

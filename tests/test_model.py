@@ -414,9 +414,9 @@ def test_compiled_model_trains_validates_scores_hellaswag_and_samples(tmp_path, 
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from gptlab.checkpoint import load_model
     from gptlab.eval.hellaswag import evaluate, load_examples
-    from gptlab.sample import compile_for_sampling, generate
+    from gptlab.generate import compile_for_sampling, generate
+    from gptlab.pretrained import load_model
     from gptlab.train import run
     from tests.conftest import compose_train
     from tests.test_hellaswag import make_records, write_jsonl

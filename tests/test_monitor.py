@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from gptlab.callbacks.config import LossSpikeConfig, MonitorConfig
-from gptlab.callbacks.monitor import NonFiniteLossError, TrainingMonitor, layers, snapshot, update_ratios
-from gptlab.checkpoint import load_gpt
+from gptlab.callbacks.monitor import TrainingMonitor, layers, snapshot, update_ratios
 from gptlab.config import load_config
 from gptlab.errors import ConfigError
 from gptlab.model import GPT, GPTConfig
+from gptlab.module import NonFiniteLossError
+from gptlab.pretrained import load_gpt
 from gptlab.train import run
-from tests.conftest import compose_train
-from tests.test_train import read_metrics
+from tests.conftest import compose_train, read_metrics
 
 # 2 micro-steps of 2 x 16 tokens per optimizer step (the loss is a mean over micro-steps), on a narrow model.
 FAST = [
@@ -97,7 +97,7 @@ def test_logged_norms_and_ratios_match_the_checkpoints(tmp_path, data_dir):
 
 
 def test_loss_spike_fires_on_a_spike_and_not_on_a_smooth_curve():
-    monitor = TrainingMonitor(MonitorConfig(loss_spike=LossSpikeConfig(window=50, k=4.0, min_steps=20)))
+    monitor = TrainingMonitor(MonitorConfig(loss_spike=LossSpikeConfig(window=50, k=4.0, min_steps=20)), on_nan="stop")
     noise = torch.randn(400, generator=torch.Generator().manual_seed(0)) * 0.02
     curve = [3.0 + 5.0 * math.exp(-t / 60) + noise[t].item() for t in range(400)]  # a noisy, decaying loss
     with warnings.catch_warnings():
@@ -110,13 +110,13 @@ def test_loss_spike_fires_on_a_spike_and_not_on_a_smooth_curve():
     assert not monitor.check_loss_spike(402, curve[-1])
     assert not monitor.check_loss_spike(403, math.nan)  # a NaN is the NaN guard's business
 
-    early = TrainingMonitor(MonitorConfig(loss_spike=LossSpikeConfig(window=50, k=4.0, min_steps=20)))
+    early = TrainingMonitor(MonitorConfig(loss_spike=LossSpikeConfig(window=50, k=4.0, min_steps=20)), on_nan="stop")
     assert not any(early.check_loss_spike(t, loss) for t, loss in enumerate([3.0] * 10 + [30.0]))  # < min_steps
 
 
 def test_monitor_config_errors_name_the_key():
     for overrides, key in [
-        (["callbacks.monitor.on_nan=ignore"], "callbacks.monitor.on_nan"),
+        (["on_nan=ignore"], "on_nan"),
         (["callbacks.monitor.every_n_steps=0"], "callbacks.monitor.every_n_steps"),
         (["callbacks.monitor.loss_spike.min_steps=80"], "callbacks.monitor.loss_spike.min_steps"),
         (["callbacks.monitor.loss_spike.k=0"], "callbacks.monitor.loss_spike.k"),
@@ -162,7 +162,7 @@ def test_nan_loss_with_on_nan_skip_drops_that_update_and_counts_it(tmp_path, dat
     poison_loss(monkeypatch, {3})
     run_dir = tmp_path / "run"
     with pytest.warns(UserWarning, match="non-finite loss or gradients at step 2: update skipped"):
-        summary = run(compose_train([*FAST, "max_tokens=192", "callbacks.monitor.on_nan=skip"], run_dir, data_dir))
+        summary = run(compose_train([*FAST, "max_tokens=192", "on_nan=skip"], run_dir, data_dir))
     assert summary["status"] == "completed" and summary["step"] == 3
     train = {m["step"]: m for m in read_metrics(run_dir) if "train/loss" in m}
     assert [train[s]["nan_skipped"] for s in (1, 2, 3)] == [0, 1, 1]

@@ -63,6 +63,7 @@ def test_hparams_search_preset_is_an_optuna_minimization_of_valid_configs(preset
     load_config(job_cfg)
 
 
+@pytest.mark.slow
 def test_optuna_sweep_returns_val_loss_and_survives_a_failed_trial(tmp_path, data_dir):
     """The adamw preset's seeded TPE sampler over warmup {1, 99}: 99 steps > the 2-step run is a config error, so
     that trial fails and the study goes on; Optuna's best value is the best completed job's final val loss."""
@@ -84,6 +85,7 @@ def test_optuna_sweep_returns_val_loss_and_survives_a_failed_trial(tmp_path, dat
     assert results.best_value == pytest.approx(completed[0]["val_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, data_dir):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep_dir = tmp_path / "joblib"
@@ -97,6 +99,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, data_dir):
     assert summaries[0]["val_loss"] != summaries[1]["val_loss"]  # different seeds, different runs
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_a_job(tmp_path, data_dir):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep_dir = tmp_path / "submitit"

@@ -9,8 +9,7 @@ import torch
 from gptlab.config import load_config
 from gptlab.module import GPTModule
 from gptlab.train import run
-from tests.conftest import compose_train
-from tests.test_train import read_metrics
+from tests.conftest import compose_train, read_metrics
 
 # A few CPU-cheap steps of a narrow model: fp16 and bf16 matmuls on CPU are many times slower than fp32.
 TINY = [
@@ -33,8 +32,9 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 
 def test_precision_options_map_to_lightning():
-    from gptlab.fit import _precision_args
     from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from gptlab.fit import _precision_args
 
     expected = {
         "fp32": ("32-true", "highest"),
@@ -69,7 +69,7 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path, data_dir, m
     inject_inf_gradient(monkeypatch, at_step=2)
     run_dir = tmp_path / "fp16"
     summary = run(compose_train([*TINY, "precision=fp16", "max_tokens=96"], run_dir, data_dir))
-    # An overflow is no NaN event: callbacks.monitor.on_nan=stop (the default) does not stop the run.
+    # An overflow is no NaN event: on_nan=stop (the default) does not stop the run.
     assert summary["status"] == "completed" and summary["step"] == 3
     assert summary["val_loss"] < summary["val_loss_initial"]
 

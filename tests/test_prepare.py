@@ -194,6 +194,7 @@ def test_max_docs_and_max_tokens_stop_the_training_split(tmp_path, tiktoken_gpt2
     assert sum(map(len, docs)) >= 1200 > sum(map(len, docs[:-1]))  # stops after the document that reaches it
 
 
+@pytest.mark.slow
 def test_two_workers_write_the_same_bytes_as_one(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "BATCH_DOCS", 4)  # many small tasks in flight at once
     source = write_parquet(tmp_path / "rows.parquet", fineweb_edu_rows(60))
@@ -387,6 +388,7 @@ def run_script(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_script_prepares_local_parquet_once(tmp_path):
     source = write_parquet(tmp_path / "rows.parquet", fineweb_edu_rows(40))
     args = [
@@ -406,6 +408,7 @@ def test_script_prepares_local_parquet_once(tmp_path):
     assert second.returncode == 0 and "already prepared" in second.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override,message",
     [

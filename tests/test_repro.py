@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from gptlab.callbacks.throughput import METRICS as THROUGHPUT_METRICS
-from gptlab.checkpoint import load_gpt
+from gptlab.pretrained import load_gpt
 from gptlab.provenance import DIFF_FILE, PROVENANCE_FILE, config_differences, rerun_overrides, write_provenance
 from gptlab.train import run
 from tests.conftest import CONF, ROOT, compose_train
@@ -122,6 +122,7 @@ def _git_raw(cwd, *args) -> str:
 
 def test_provenance_is_written_by_rank_zero_only(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.delitem(sys.modules, "lightning.fabric.utilities.rank_zero", raising=False)  # read the environment
     assert write_provenance(tmp_path / "run") is None and not (tmp_path / "run").exists()
 
 
@@ -146,6 +147,7 @@ def test_rerun_overrides_and_config_differences(tmp_path):
     assert config_differences(saved, saved) == []
 
 
+@pytest.mark.slow
 def test_rerun_from_a_run_folder_reproduces_its_metrics(tmp_path, data_dir, one_thread):
     """`python scripts/rerun.py <run folder>` as a user types it, on a run folder holding what Hydra writes
     (.hydra/config.yaml unresolved, .hydra/overrides.yaml); --strict: today's config must equal the saved one."""

@@ -8,8 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from gptlab.config import load_config
+from gptlab.generate import compile_for_sampling, generate
 from gptlab.model import GPT, GPTConfig
-from gptlab.sample import compile_for_sampling, generate
 from tests.conftest import ROOT, compose_train
 
 
@@ -86,6 +86,7 @@ def test_compiled_equals_eager(model):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_sample_script(tmp_path):
     make_checkpoint(tmp_path / "last.ckpt", compiled=True)  # saved from a torch.compile'd model
     result = subprocess.run(

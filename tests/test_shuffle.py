@@ -137,7 +137,7 @@ def test_ranks_read_disjoint_parts_of_the_single_process_epoch(corpus, world_siz
     assert len(dealt) > len(single) - B * world_size
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # worker processes: slow
 def test_resuming_at_batch_k_continues_token_for_token(corpus, num_workers):
     ds = ShuffledBatches(corpus[0], SEQ_LEN, 4, seed=3, rank=1, world_size=2)
     stop, k = 2 * len(ds) + 3, len(ds) - 2  # resume just before an epoch ends, run into the third

@@ -49,6 +49,7 @@ def sweep_2x2(tmp_path_factory, data_dir) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_2x2_sweep_gives_4_job_folders_and_4_wandb_runs_in_one_group(sweep_2x2):
     jobs = job_statuses(sweep_2x2)
     name = "debug=smoke,logger=wandb,optimizer.lr={},scheduler={},tags=[ablation]/seed=1337"  # sorted overrides
@@ -68,6 +69,7 @@ def test_2x2_sweep_gives_4_job_folders_and_4_wandb_runs_in_one_group(sweep_2x2):
     assert len(runs) == 4  # four runs, none merged into another
 
 
+@pytest.mark.slow
 def test_summarize_sweep_tables_the_2x2_sweep(sweep_2x2, tmp_path, capsys):
     """scripts/summarize_sweep.py on the real sweep: 4 configs (one seed each), one row per job in jobs.csv."""
     import csv
@@ -89,6 +91,7 @@ def test_summarize_sweep_tables_the_2x2_sweep(sweep_2x2, tmp_path, capsys):
     assert capsys.readouterr().out.count("| 1 | ") == 4  # the printed per-config table: 4 rows of 1 seed
 
 
+@pytest.mark.slow
 def test_failed_jobs_are_recorded_and_counted_while_the_others_complete(tmp_path, data_dir):
     """A bad value fails its jobs (at run time, in the task) but the sweep trains the rest, and its exit
     status counts the failures. The seed is swept too: it is left out of the config's folder name, each seed

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gptlab.callbacks import throughput
-from gptlab.callbacks.throughput import ThroughputMonitor
+from gptlab.callbacks.throughput import ThroughputMeter
 from gptlab.flops import flops_per_token, gpu_label, mfu, peak_flops, precision_kind
 from gptlab.model import GPTConfig
 from gptlab.train import run
@@ -93,7 +93,7 @@ def clock(monkeypatch):
 def test_monitor_rates_and_mfu_on_a_known_gpu(clock, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     fpt = flops_per_token(GPT2_124M, 1024)
-    monitor = ThroughputMonitor(tokens_per_step=8192, log_every_n_steps=2, seq_len=1024, flops_per_token=fpt,
+    monitor = ThroughputMeter(tokens_per_step=8192, log_every_n_steps=2, seq_len=1024, flops_per_token=fpt,
                                 precision="bf16")  # fmt: skip
     logged = drive(monitor, clock, torch.device("cuda", 0))
     assert f"PaLM 6N+12LHQT FLOPs/token = {fpt:,}" in capsys.readouterr().out
@@ -110,7 +110,7 @@ def test_monitor_rates_and_mfu_on_a_known_gpu(clock, monkeypatch, capsys):
 
 
 def test_monitor_reports_no_mfu_on_cpu(clock, capsys):
-    monitor = ThroughputMonitor(4096, 1, seq_len=64, flops_per_token=10**6, precision="fp32")
+    monitor = ThroughputMeter(4096, 1, seq_len=64, flops_per_token=10**6, precision="fp32")
     logged = drive(monitor, clock, torch.device("cpu"), world_size=1, steps=3)
     assert "MFU: not reported on cpu" in capsys.readouterr().out
     assert {key for _, key, _ in logged} == {"tokens_per_s", "samples_per_s", "step_time_ms"}

@@ -130,14 +130,6 @@ class WandbLoggerConfig(LoggerConfig):
 
 @option("logger")
 @dataclass
-class CsvLoggerConfig(LoggerConfig):
-    """Lightning's CSVLogger: <run folder>/metrics.csv (metrics.jsonl is always written too)."""
-
-    name: str = "csv"
-
-
-@option("logger")
-@dataclass
 class NoLoggerConfig(LoggerConfig):
     """No experiment tracker; the run folder still gets metrics.jsonl and summary.json."""
 
@@ -169,6 +161,8 @@ class TrainConfig:
     global_batch_tokens: int = knob(4096, positive)  # tokens per optimizer step, across devices and micro-steps
     max_tokens: Optional[int] = knob(196608, optional(positive))  # budget in tokens (48 steps); or trainer.max_steps
     grad_clip: float = knob(1.0, non_negative)  # clip the global gradient norm to this; 0 disables clipping
+    # NaN/Inf loss or gradients: stop (error naming the step) | skip (drop the update; counted as nan_skipped)
+    on_nan: str = knob("stop", one_of("stop", "skip"))
     ckpt_path: Optional[str] = None  # resume: a .ckpt file, or a run folder (its checkpoints/last.ckpt)
     tags: list[str] = knob([])  # free-form labels, passed to W&B
     model: GPTConfig = field(default_factory=GPTConfig)
@@ -372,7 +366,7 @@ def resolve_ckpt_path(path: str, sharded_ok: bool = True) -> str:
         sharded_ok or not is_sharded_checkpoint(path),
         "ckpt_path",
         f"{path} is a sharded checkpoint (a folder written by distributed=fsdp): resume it with distributed=fsdp "
-        "on as many devices, or load its weights with gptlab.checkpoint.load_gpt",
+        "on as many devices, or load its weights with gptlab.pretrained.load_gpt",
     )
     return path
 

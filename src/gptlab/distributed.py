@@ -4,35 +4,29 @@
 - ddp / ddp_spawn: Lightning's DDPStrategy. Lightning runs the backward of every micro-step but the last of an
   accumulation inside DDP's no_sync(), so gradients are all-reduced once per optimizer step.
 - fsdp: FSDP2 (`fully_shard`) through Lightning's ModelParallelStrategy, which also runs on CPUs (FSDP1 does
-  not); GPTModule.configure_model calls `shard_gpt` once the processes are up. Inside a multirun its ranks
-  are spawned as DDP's are (FSDPSpawnLauncher: Lightning's strategy only re-runs the command line).
+  not); GPTModule.configure_model calls `shard_gpt` once the processes are up.
+Inside a multirun, a job on several devices runs its ranks as torchrun child processes (gptlab.launch).
 """
 
-import os
-import shutil
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
-from lightning.pytorch.trainer.states import TrainerFn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from gptlab.config import DDPConfig, DDPSpawnConfig, FSDPConfig, TrainConfig
+from gptlab.files import remove
 from gptlab.model import GPT
 
 
-def build_strategy(cfg: TrainConfig, spawn: bool = False) -> str | Strategy:
-    """The Trainer's strategy. spawn: start the ranks with torch.multiprocessing.spawn (what ddp_spawn
-    does always, and ddp and fsdp do inside a multirun, where re-running the command line would re-run the sweep)."""
+def build_strategy(cfg: TrainConfig) -> str | Strategy:
+    """The Trainer's strategy."""
     d = cfg.distributed
     if isinstance(d, DDPConfig):
         return DDPStrategy(
-            start_method="spawn" if spawn or isinstance(d, DDPSpawnConfig) else "popen",
+            start_method="spawn" if isinstance(d, DDPSpawnConfig) else "popen",
             process_group_backend=d.process_group_backend,
             timeout=timedelta(minutes=d.timeout_min),
             find_unused_parameters=d.find_unused_parameters,  # passed on to DistributedDataParallel
@@ -47,7 +41,6 @@ def build_strategy(cfg: TrainConfig, spawn: bool = False) -> str | Strategy:
             save_distributed_checkpoint=d.state_dict_type == "sharded",
             process_group_backend=d.process_group_backend,
             timeout=timedelta(minutes=d.timeout_min),
-            spawn=spawn,
         )
     return "auto"
 
@@ -84,28 +77,19 @@ def _mixed_precision(cfg: TrainConfig) -> MixedPrecisionPolicy:
 class AtomicModelParallelStrategy(ModelParallelStrategy):
     """A sharded checkpoint is a folder each rank writes its shard into: it is written under a temporary name
     and renamed into place once every rank is done, so a kill during a save leaves the previous one whole
-    (gptlab.resume.AtomicCheckpointIO does the same for single-file checkpoints).
+    (gptlab.callbacks.checkpoints.AtomicCheckpointIO does the same for single-file checkpoints)."""
 
-    spawn: start the ranks with torch.multiprocessing.spawn; Lightning's ModelParallelStrategy only knows
-    re-running the command line."""
-
-    def __init__(self, *args, spawn: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._spawn = spawn
-
-    def _configure_launcher(self) -> None:
-        if self._spawn and not self.cluster_environment.creates_processes_externally:
-            self._launcher = FSDPSpawnLauncher(self, start_method="spawn")
-        else:
-            super()._configure_launcher()
+    def __init__(self, *args, save_distributed_checkpoint: bool = True, **kwargs):
+        super().__init__(*args, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.sharded_checkpoints = save_distributed_checkpoint
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        if not self._save_distributed_checkpoint:
+        if not self.sharded_checkpoints:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
         tmp = path.with_name(f".{path.name}.tmp")
         if self.global_rank == 0:
-            _remove(tmp)  # left by a run killed while saving
+            remove(tmp)  # left by a run killed while saving
         self.barrier("sharded_checkpoint_start")
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier("sharded_checkpoint_written")
@@ -114,37 +98,5 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             if path.exists():
                 path.rename(old)
             tmp.rename(path)
-            _remove(old)
+            remove(old)
         self.barrier("sharded_checkpoint_renamed")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
-class FSDPSpawnLauncher(_MultiProcessingLauncher):
-    """Lightning's spawn launcher, for FSDP: the trained weights go back to the launching process as one full
-    state dict that every rank helps gather (Lightning's own would send rank 0's shards, which mean nothing
-    there), and each rank destroys the process group before it exits: gloo's threads still holding tensors at
-    interpreter shutdown abort the process now and then ("terminate called without an active exception")."""
-
-    def _wrapping_function(self, *args, **kwargs) -> None:
-        super()._wrapping_function(*args, **kwargs)
-        if torch.distributed.is_initialized():  # not after an error: a rank still in a collective would hang
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-
-    def _collect_rank_zero_results(self, trainer, results) -> _WorkerOutput | None:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it, on the CPU
-        weights = get_model_state_dict(trainer.lightning_module, options=options)  # a collective: every rank
-        if self._strategy.global_rank != 0:
-            return None
-        path = None
-        if trainer.state.fn == TrainerFn.FITTING:
-            path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")  # the launching process loads and deletes it
-            self._strategy.checkpoint_io.save_checkpoint(weights, path)
-        best = getattr(trainer.checkpoint_callback, "best_model_path", None)
-        return _WorkerOutput(best, path, trainer.state, results, self.get_extra_results(trainer))

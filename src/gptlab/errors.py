@@ -46,10 +46,14 @@ def exit_on_config_error(hydra_main: Callable) -> Callable:
     """For @hydra.main entry points: a mistake Hydra finds while composing the config (an unknown key or option,
     a value of the wrong type, a malformed override) ends as one line and exit status 2, like a ConfigError the
     task raises, instead of Hydra's several-line report. HYDRA_FULL_ERROR=1 (Hydra's public switch) makes Hydra
-    raise the error rather than print it; set by the user, it keeps Hydra's full report."""
+    raise the error rather than print it; set by the user, it keeps Hydra's full report.
+    Also registers the resolvers conf/hydra/ names folders with (gptlab.launch.register_resolvers)."""
 
     @functools.wraps(hydra_main)
     def run(*args, **kwargs):
+        from gptlab.launch import register_resolvers
+
+        register_resolvers()
         users_choice = os.environ.get("HYDRA_FULL_ERROR")
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:

@@ -4,111 +4,80 @@ import platform
 from dataclasses import asdict
 from pathlib import Path
 
-import warnings
-
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_only
 
+from gptlab.callbacks.checkpoints import AtomicCheckpointIO, StepCheckpoints, checkpoint_step
 from gptlab.callbacks.hellaswag import HellaSwagEval
 from gptlab.callbacks.monitor import TrainingMonitor
 from gptlab.callbacks.profiler import TorchProfiler
-from gptlab.callbacks.results import RunResults, read_results
+from gptlab.callbacks.random_state import RandomState
 from gptlab.callbacks.stopping import StoppingThreshold
-from gptlab.callbacks.throughput import ThroughputMonitor
+from gptlab.callbacks.summary import RunSummary
+from gptlab.callbacks.throughput import ThroughputMeter
 from gptlab.config import CHECKPOINTS_DIR, RunPlan, TrainConfig
 from gptlab.data.datamodule import TokenDataModule
 from gptlab.distributed import build_strategy
 from gptlab.flops import flops_per_token, precision_kind
-from gptlab.launch import external_launcher, spawned_rank_errors
 from gptlab.loggers import build_loggers
 from gptlab.module import GPTModule
 from gptlab.provenance import write_provenance
-from gptlab.resume import AtomicCheckpointIO, RandomState, RunCheckpoint
-from gptlab.sweep import hydra_choices, hydra_overrides, in_multirun
-
-# Lightning 2.6 on torch 2.13 warns on every run about an internal use of a deprecated torch API.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-# Under DDP, Lightning suggests sync_dist for epoch-level logs: val/loss is reduced over ranks already, and
-# "step" is the same on every rank.
-warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\('(val/loss|step)'")
-
-SUMMARY_RESULTS = (
-    "train_loss", "val_loss", "val_loss_initial", "hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n", "tokens_per_s",
-    "samples_per_s", "step_time_ms", "mfu",
-)  # fmt: skip
-
-# Resuming mid-epoch, Lightning warns that the loader is not resumable: TokenDataModule restores its position.
-warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
+from gptlab.sweep import hydra_choices, hydra_overrides
 
 
-def fit(cfg: TrainConfig, plan: RunPlan, run_dir: Path) -> dict:
-    """Train; return the summary fields (losses, steps, throughput). cfg has passed gptlab.config.load_config."""
+def fit(cfg: TrainConfig, plan: RunPlan, run_dir: Path, started: float) -> None:
+    """Train, or, resumed from a checkpoint with no steps left, validate it; summary.json (rank 0) says what came
+    of it. cfg has passed gptlab.config.load_config; started: time.time() when the job began."""
     write_provenance(run_dir)  # rank 0: command line, git commit and diff, package versions
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # 0 is a valid seed
     torch.set_float32_matmul_precision(cfg.precision.matmul_precision)
     module = GPTModule(cfg, plan)
     datamodule = TokenDataModule(cfg.data, cfg.eval, plan, cfg.seed)
-    callbacks = _build_callbacks(cfg, plan, run_dir)
-    throughput, hellaswag = callbacks[ThroughputMonitor], callbacks[HellaSwagEval]
+    callbacks = build_callbacks(cfg, plan, run_dir)
+    callbacks.append(RunSummary(run_dir, started, cfg.seed, plan.tokens_per_step))
     overrides, choices = hydra_overrides(), hydra_choices()
     loggers = build_loggers(cfg, run_dir, run_name=",".join(overrides) or run_dir.name)
     for logger in loggers:
         logger.log_hyperparams({**asdict(cfg), "overrides": overrides, "choices": choices, "plan": asdict(plan)})
-    callbacks[RunResults] = RunResults(throughput, hellaswag)  # last: it reads what the others measured
-    trainer = _build_trainer(cfg, plan, run_dir, loggers, [c for c in callbacks.values() if c is not None])
+    trainer = build_trainer(cfg, plan, run_dir, loggers, callbacks)
     _print_header(cfg, plan, module, trainer, run_dir, choices)
-
-    with spawned_rank_errors():  # a spawned rank's diverged run is reported as diverged, not as a traceback
+    if cfg.ckpt_path is not None and checkpoint_step(cfg.ckpt_path) >= plan.total_steps:
+        trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False)
+    else:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        results = read_results(trainer)
-        if results.get("val_step") != results.get("step"):  # no steps left to train (RunResults validates the last)
-            trainer.validate(module, datamodule=datamodule, verbose=False)
-            results["val_loss"] = read_results(trainer).get("val_loss")
-    step = int(results.get("step", 0))
-    summary = {key: results.get(key) for key in SUMMARY_RESULTS}
-    hellaswag_n = summary["hellaswag_n"]
-    return summary | {
-        "step": step,
-        "tokens": step * plan.tokens_per_step,
-        "hellaswag_n": None if hellaswag_n is None else int(hellaswag_n),
-        "params": module.model.num_params(),
-        "run_dir": str(run_dir),
-    }
 
 
-def _build_callbacks(cfg: TrainConfig, plan: RunPlan, run_dir: Path) -> dict[type, L.Callback | None]:
-    """The run's callbacks by class; None where the config switches one off."""
-    h = cfg.eval.hellaswag
-    stop_below, profiler = cfg.trainer.stopping_threshold, cfg.callbacks.profiler
-    return {
-        ThroughputMonitor: ThroughputMonitor(
+def build_callbacks(cfg: TrainConfig, plan: RunPlan, run_dir: Path) -> list[L.Callback]:
+    """The run's callbacks; those the config switches off are left out. The step itself needs none of them."""
+    h, profiler = cfg.eval.hellaswag, cfg.callbacks.profiler
+    callbacks = [
+        ThroughputMeter(
             plan.tokens_per_step, cfg.trainer.log_every_n_steps, cfg.data.seq_len,
             flops_per_token(cfg.model, cfg.data.seq_len),
             precision_kind(cfg.precision.trainer_precision, cfg.precision.matmul_precision),
         ),  # fmt: skip
-        TrainingMonitor: TrainingMonitor(cfg.callbacks.monitor),  # always on: NaN guard, norms for clipping
-        ModelCheckpoint: _checkpoint_callback(cfg, run_dir),
-        RandomState: RandomState(),  # RNG states in checkpoints; evaluation leaves the training stream alone
-        HellaSwagEval: HellaSwagEval(h, cfg.precision.trainer_precision) if h.enabled else None,
-        StoppingThreshold: None if stop_below is None else StoppingThreshold(stop_below),
-        TorchProfiler: TorchProfiler(profiler, run_dir / "profile") if profiler.enabled else None,
-    }
-
-
-def _build_trainer(cfg: TrainConfig, plan: RunPlan, run_dir: Path, loggers: list, callbacks: list) -> L.Trainer:
-    show_progress = cfg.callbacks.progress_bar_refresh_rate > 0
-    if show_progress:
+        TrainingMonitor(cfg.callbacks.monitor, cfg.on_nan),
+        StepCheckpoints(run_dir / CHECKPOINTS_DIR, cfg.callbacks.checkpoint.every_n_steps,
+                        cfg.callbacks.checkpoint.save_top_k),  # fmt: skip
+        RandomState(),  # RNG states in checkpoints; evaluation leaves the training stream alone
+        HellaSwagEval(h, cfg.precision.trainer_precision) if h.enabled else None,
+        StoppingThreshold(cfg.trainer.stopping_threshold) if cfg.trainer.stopping_threshold is not None else None,
+        TorchProfiler(profiler, run_dir / "profile") if profiler.enabled else None,
+    ]
+    if cfg.callbacks.progress_bar_refresh_rate > 0:
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.callbacks.progress_bar_refresh_rate))
+    return [c for c in callbacks if c is not None]
+
+
+def build_trainer(cfg: TrainConfig, plan: RunPlan, run_dir: Path, loggers: list, callbacks: list) -> L.Trainer:
     return L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.distributed.num_nodes,
-        # Inside a multirun Lightning must not re-run the command line for DDP's ranks: that is the sweep
-        # (Lightning #11300). Spawned ranks never see it. torchrun/srun ranks are started outside, as they are.
-        strategy=build_strategy(cfg, spawn=in_multirun() and external_launcher() is None),
+        strategy=build_strategy(cfg),
         **_with_checkpoint_io(_precision_args(cfg)),
         max_steps=plan.total_steps,
         accumulate_grad_batches=plan.grad_accum,
@@ -118,28 +87,12 @@ def _build_trainer(cfg: TrainConfig, plan: RunPlan, run_dir: Path, loggers: list
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         logger=loggers,
         callbacks=callbacks,
-        enable_progress_bar=show_progress,
+        enable_progress_bar=cfg.callbacks.progress_bar_refresh_rate > 0,
         enable_model_summary=False,  # the header says it in one line
         use_distributed_sampler=False,  # the datamodule gives each rank its own batches
         deterministic=cfg.trainer.deterministic,
         detect_anomaly=cfg.trainer.detect_anomaly,
         default_root_dir=str(run_dir),
-    )
-
-
-def _checkpoint_callback(cfg: TrainConfig, run_dir: Path) -> RunCheckpoint:
-    """step_XXXXXX.ckpt and last.ckpt every N steps, last.ckpt also at the end; written by AtomicCheckpointIO."""
-    return RunCheckpoint(
-        dirpath=run_dir / CHECKPOINTS_DIR,
-        filename="step_{step:06d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=cfg.callbacks.checkpoint.every_n_steps,
-        save_top_k=cfg.callbacks.checkpoint.save_top_k,
-        monitor="step",
-        mode="max",  # keeping the top k by step keeps the latest k
-        save_last=True,  # a full save, not "link": a symlink to a step file that save_top_k may delete
-        enable_version_counter=False,  # a run resumed into its folder rewrites step files, no step_X-v1.ckpt
-        resume_from=cfg.ckpt_path,
     )
 
 

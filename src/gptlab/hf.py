@@ -6,7 +6,7 @@ Both models use the same parameter names (`transformer.*`, `lm_head`); the diffe
   refuses a model with another (see GPT2_ARCHITECTURE). Manual attention exports: it is the same function.
 - Vocabulary: HF GPT-2 has the tokenizer's 50257 rows; gptlab pads to 50304 for faster matmuls.
   Import keeps 50257 unless asked to pad: the extra rows are zero, so the logits of real tokens are
-  unchanged and the padded ids get logit 0 (gptlab.sample never samples them). Export drops the rows
+  unchanged and the padded ids get logit 0 (gptlab.generate never samples them). Export drops the rows
   beyond vocab_size (padded ids are never targets, so no real token loses anything).
 
 transformers and safetensors are an optional extra (`pip install -e .[hf]`): imported inside functions.
@@ -133,7 +133,6 @@ def export_hf(model: GPT, folder: Path, vocab_size: int = GPT2_VOCAB_SIZE) -> Pa
     The rows of a padded vocabulary beyond vocab_size are dropped. Returns the folder."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: export what it wraps
     config = model.config
     check_exportable(config)
     if config.vocab_size < vocab_size:

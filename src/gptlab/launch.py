@@ -1,28 +1,25 @@
-"""Who started this process, and which run folder it writes into.
+"""Who started this process, which run folder it writes into, and starting a job's ranks.
 
 A training job runs as one process, or as one process per device started by one of:
 - Lightning itself (`trainer.devices=N`): it re-runs the command line for ranks 1..N-1 and hands them the
-  run folder (`hydra.run.dir`); inside a multirun gptlab has it spawn the ranks instead (see `spawn_ranks`);
+  run folder (`hydra.run.dir`);
 - torchrun (`torchrun --nproc_per_node=N scripts/train.py ...`) or SLURM's srun: every rank runs Hydra on its
-  own, so the run folder's name is drawn by rank 0 and read by the others (`shared_run_name`), and only
-  rank 0 writes Hydra's .hydra/ folder.
+  own and names the run folder alike from the launcher's ids (`run_name`); only rank 0 writes .hydra/;
+- inside a Hydra multirun, the job itself: it runs its ranks as a torchrun child on the job's folder and
+  overrides (`run_ranks`), since Lightning's launcher would re-run the whole sweep (Lightning #11300).
 This module imports no torch or Lightning: Hydra's resolvers and the config checks use it before they load.
 """
 
-import atexit
-import contextlib
 import os
-import re
 import secrets
+import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
-from gptlab.errors import ConfigError, UserInputError
+from omegaconf import OmegaConf
 
-RENDEZVOUS_DIR = ".launches"  # in <output_root>/runs: rank 0's run folder name, per launch
-RENDEZVOUS_TIMEOUT_S = 600.0  # how long ranks > 0 wait for rank 0 to name the run folder
+from gptlab.errors import ConfigError
 
 
 def external_launcher() -> str | None:
@@ -54,33 +51,24 @@ def global_rank() -> int:
     return 0
 
 
-def shared_run_name(output_root: str) -> str:
-    """`<date>_<time>_<random>`: the run folder's name. Under torchrun or srun rank 0 draws it and writes it
-    to <output_root>/runs/.launches/<launch id>; the other ranks wait for that file, so all ranks write into
-    rank 0's folder and no other folder appears. Rank 0 deletes the file when it exits: by then every rank
-    has read it (they all joined its process group), and a later launch that reuses the id (the same
-    --rdzv-id) cannot read a stale name before its own rank 0 has written one."""
-    name = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
-    launch = _launch_id()
+def run_name(output_root: str) -> str:
+    """The run folder's name: `<date>_<time>_<random>` for a single process; under torchrun or srun the launch's
+    id (`torchrun-<run id>-<restart>`, `slurm-<job>.<step>-<requeue>`), which every rank computes alike.
+    A launch that reuses an id (torchrun --rdzv-id) is refused rather than written into the earlier run."""
+    launch = launch_id()
     if launch is None:
-        return name
-    note = Path(output_root) / "runs" / RENDEZVOUS_DIR / launch
-    if global_rank() == 0:
-        note.parent.mkdir(parents=True, exist_ok=True)
-        tmp = note.with_name(f".{note.name}.tmp")
-        tmp.write_text(name)
-        os.replace(tmp, note)  # the other ranks never read half a name
-        atexit.register(note.unlink, missing_ok=True)
-        return name
-    deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
-    while not note.is_file():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank 0 did not name the run folder in {note} within {RENDEZVOUS_TIMEOUT_S:.0f} s")
-        time.sleep(0.2)
-    return note.read_text().strip()
+        return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
+    earlier = Path(output_root) / "runs" / launch / ".hydra"
+    if global_rank() == 0 and earlier.exists():  # only rank 0 writes .hydra/: the others' checks would race it
+        raise ConfigError(
+            "hydra.run.dir",
+            f"{earlier.parent} holds an earlier launch with the same id: start torchrun with a new --rdzv-id "
+            "(or --standalone), or give every rank hydra.run.dir=<new folder>",
+        )
+    return launch
 
 
-def _launch_id() -> str | None:
+def launch_id() -> str | None:
     """A name that every rank of this launch shares and no other launch has; None for a single process."""
     launcher = external_launcher()
     if launcher == "torchrun":
@@ -113,6 +101,12 @@ def check_launch(cfg, multirun: bool, hydra_launcher: str | None) -> None:
     """The processes a launcher started must be the ones the config asks for; a sweep must not run per rank."""
     launcher = external_launcher()
     if launcher is None:
+        if multirun and cfg.distributed.num_nodes > 1:
+            raise ConfigError(
+                "distributed.num_nodes",
+                f"a multirun job runs its ranks on this machine; for {cfg.distributed.num_nodes} nodes per job "
+                "use hydra/launcher=slurm",
+            )
         return
     if multirun and hydra_launcher in ("basic", "joblib"):
         raise ConfigError(
@@ -129,40 +123,55 @@ def check_launch(cfg, multirun: bool, hydra_launcher: str | None) -> None:
         )
 
 
-class SpawnedRankError(UserInputError):
-    """A UserInputError (a config mistake, bad data, a diverged run) that a rank started by
-    torch.multiprocessing.spawn raised, with that error's label, status and message."""
-
-    def __init__(self, error_class: type[UserInputError], message: str):
-        super().__init__(message)
-        self.label, self.status = error_class.label, error_class.status
-
-
-@contextlib.contextmanager
-def spawned_rank_errors():
-    """Re-raise a gptlab user error of a spawned rank (ddp_spawn, and ddp inside a multirun) as one.
-
-    torch.multiprocessing hands the launching process only the text of the rank's traceback (a
-    ProcessRaisedException): without this a diverged run would be recorded as "failed" with a traceback,
-    where the same run under torchrun or Lightning's own launcher is "diverged" with one line."""
-    from torch.multiprocessing import ProcessRaisedException
-
-    try:
-        yield
-    except ProcessRaisedException as e:
-        error = _user_error_in_traceback(e.msg)
-        if error is None:
-            raise
-        raise error from e
+# `torchrun <args>`, with a failed rank reported by the rank itself (summary.json, its own stderr) and torchrun's
+# exit status, rather than by torchrun's traceback of its own ChildFailedError as well.
+TORCHRUN = """import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+try:
+    main(sys.argv[1:])
+except ChildFailedError:
+    sys.exit(1)
+"""
 
 
-def _user_error_in_traceback(text: str) -> SpawnedRankError | None:
-    """The UserInputError that a formatted traceback ends with (`gptlab.<module>.<Class>: <message>`), if any."""
-    raised = list(re.finditer(r"^(gptlab(?:\.\w+)*)\.(\w+): ", text, re.MULTILINE))
-    if not raised:
-        return None
-    module, name = raised[-1].groups()
-    error_class = getattr(sys.modules.get(module), name, None)  # the launching process built the same objects
-    if not (isinstance(error_class, type) and issubclass(error_class, UserInputError)):
-        return None
-    return SpawnedRankError(error_class, text[raised[-1].end() :].strip())
+def runs_ranks_as_children(multirun: bool, world_size: int) -> bool:
+    """Is this a multirun job on several devices that no launcher started ranks for? It then runs them itself."""
+    return multirun and world_size > 1 and external_launcher() is None
+
+
+def run_ranks(run_dir: Path, devices: int) -> int:
+    """Train this multirun job on `devices` processes: `torchrun --standalone` on the same script, config and
+    overrides, as a single run into the job's folder (whose .hydra/ the sweep wrote already). Each rank then
+    runs as it would alone, and rank 0 writes the job's summary.json. Returns torchrun's exit status."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra = HydraConfig.get()
+    script = sys.argv[0] if sys.argv[0].endswith(".py") else Path(os.environ["GPTLAB_ROOT"]) / "scripts" / "train.py"
+    main = next((s for s in hydra.runtime.config_sources if s.provider == "main" and s.schema == "file"), None)
+    config = [f"--config-path={main.path}"] if main is not None else []
+    command = [
+        sys.executable, "-c", TORCHRUN, "--standalone", f"--nproc_per_node={devices}", str(script),
+        *config, f"--config-name={hydra.job.config_name}", *hydra.overrides.task,
+        f"hydra.run.dir={_quoted(run_dir)}", "hydra.output_subdir=null",
+    ]  # fmt: skip
+    return subprocess.run(command).returncode
+
+
+def _quoted(value) -> str:
+    """A value for Hydra's override grammar as it is (a sweep job's folder holds `=` and `,`)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def register_resolvers() -> None:
+    """The resolvers conf/hydra/default.yaml names its folders with; every entry point calls this before Hydra."""
+    # `${gptlab.uid:}`: a random suffix that keeps sweep folders started in the same second apart. Cached, so
+    # that every job of a sweep sees the same value (Hydra copies the cache into each job's config).
+    OmegaConf.register_new_resolver("gptlab.uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
+    # `${gptlab.path:a,b}`: the non-empty parts joined by "/" (a sweep job with no overrides but its seed: `seed=0`).
+    OmegaConf.register_new_resolver("gptlab.path", lambda *parts: "/".join(str(p) for p in parts if p), replace=True)
+    # `${gptlab.run_name:<output_root>}`: see run_name; cached, so the folder is named once per process.
+    OmegaConf.register_new_resolver("gptlab.run_name", run_name, use_cache=True, replace=True)
+    # `${gptlab.rank_zero:x}`: x on rank 0, null elsewhere; `${gptlab.rank_suffix:}`: "" on rank 0, "_rank<r>" else.
+    OmegaConf.register_new_resolver("gptlab.rank_zero", rank_zero_only_value, replace=True)
+    OmegaConf.register_new_resolver("gptlab.rank_suffix", rank_suffix, replace=True)

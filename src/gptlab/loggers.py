@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from gptlab.config import CsvLoggerConfig, TrainConfig, WandbLoggerConfig
-from gptlab.data.shards import atomic_write_bytes
-from gptlab.resume import checkpoint_step
+from gptlab.callbacks.checkpoints import checkpoint_step
+from gptlab.config import TrainConfig, WandbLoggerConfig
+from gptlab.files import atomic_write_bytes
 from gptlab.sweep import hydra_choices, in_multirun
 
 METRICS_FILE = "metrics.jsonl"
@@ -91,8 +91,6 @@ def build_loggers(cfg: TrainConfig, run_dir: Path, run_name: str) -> list[Logger
                 config={"resumed_from_wandb_id": resumed_from} if resumed_from else None,
             )
         )
-    elif isinstance(cfg.logger, CsvLoggerConfig):
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
     return loggers
 
 

@@ -1,16 +1,48 @@
-"""The LightningModule: next-token prediction with the GPT of model.py, AdamW and a per-step LR schedule."""
+"""The LightningModule: next-token prediction with the GPT of model.py, its optimizer and a per-step LR schedule.
 
+One optimizer step, in the order Lightning runs it, all here:
+1. `training_step` on each micro-batch: forward, loss; Lightning runs backward on loss / grad_accum (under DDP
+   all-reducing the gradients in the last micro-step only). The last micro-step also takes the step's loss,
+   the mean over micro-steps and ranks.
+2. `on_before_optimizer_step`, after the last backward (and after Lightning's fp16 unscaling): the gradient
+   norm, ONE host sync for the step's numbers, the non-finite guard (stop, or skip the update), clipping.
+3. Lightning's optimizer step (under fp16 GradScaler's, which skips overflowed steps), then the LR schedule.
+4. `on_train_batch_end`: at the budget's last step, stop, so that Lightning validates it inside fit.
+Callbacks (gptlab.callbacks) only observe: they read `step_stats` and `step_outcome` and log them.
+"""
+
+import math
+import warnings
 from dataclasses import asdict
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from gptlab.config import RunPlan, TrainConfig
 from gptlab.distributed import full_tensor, shard_gpt
-from gptlab.errors import ConfigError
+from gptlab.errors import ConfigError, UserInputError
+from gptlab.internals import loss_scale, unscales_in_step
 from gptlab.model import GPT
 from gptlab.model_config import GPT_CONFIG_KEY, RUNTIME_FIELDS, gpt_config_from_checkpoint, gpt_config_record
 from gptlab.schedules import build_scheduler
+
+NOT_FOR_GPTLAB = (
+    # Lightning 2.6 on torch 2.13, on every run: an internal use of a deprecated torch API.
+    r".*isinstance\(treespec, LeafSpec\)",
+    # Under DDP, Lightning suggests sync_dist for epoch-level logs: val/loss is reduced over ranks already, and
+    # "step" is the same on every rank.
+    r".*It is recommended to use `self.log\('(val/loss|step)'",
+    # Resuming mid-epoch, Lightning warns that the loader is not resumable: TokenDataModule restores its position.
+    r".*your dataloader is not resumable",
+)  # Lightning warnings that do not apply to this module (silenced in setup, in every rank's process)
+
+
+class NonFiniteLossError(UserInputError):
+    """The loss or the gradients were NaN/Inf and on_nan=stop."""
+
+    label = "Training stopped"
+    status = "diverged"
 
 
 class GPTModule(L.LightningModule):
@@ -20,17 +52,24 @@ class GPTModule(L.LightningModule):
         super().__init__()
         self.cfg, self.plan = cfg, plan
         # The run's config as plain values, for the record (checkpoints load with weights_only=True); loading a
-        # model from a checkpoint reads its GPT_CONFIG_KEY alone (gptlab.checkpoint).
+        # model from a checkpoint reads its GPT_CONFIG_KEY alone (gptlab.pretrained).
         self.save_hyperparameters({"config": asdict(cfg)}, logger=False)  # train.py logs it, with the overrides
         self.model = GPT(cfg.model)
         self._train_loss_sum = torch.zeros(())  # over the micro-steps of the current optimizer step
         self._val_sums = torch.zeros(2)  # summed token loss, token count
         self.last_train_loss: torch.Tensor | None = None  # this optimizer step's loss, mean over micro-steps and ranks
-        self.grad_norm: torch.Tensor | None = None  # this step's, before clipping (TrainingMonitor measures it)
+        # The last optimizer step's numbers on the host: loss, grad_norm (before clipping), loss_scale (fp16).
+        self.step_stats: dict[str, float] = {}
+        # What became of its update: applied | overflow (fp16: GradScaler skips it) | nan_skipped (on_nan=skip)
+        self.step_outcome: str | None = None
         self.last_val_loss: float | None = None
-        self.last_val_step: int | None = None  # the optimizer step last_val_loss was measured at
         self.initial_val_loss: float | None = None
+        self.loaded_step: int | None = None  # the optimizer step of the checkpoint this run started from
         self._configured = False
+
+    def setup(self, stage: str) -> None:
+        for message in NOT_FOR_GPTLAB:
+            warnings.filterwarnings("ignore", message=message)
 
     def configure_model(self) -> None:
         """Once the processes are set up (Lightning calls this again for each fit/validate: the work is done once)."""
@@ -83,17 +122,19 @@ class GPTModule(L.LightningModule):
         # Token-weighted mean over every rank's share of the fixed validation windows.
         loss_sum, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         val_loss = loss_sum / count
-        self.last_val_loss, self.last_val_step = float(val_loss), self.global_step
+        # trainer.validate() of a checkpoint restores its weights, not its loop counters (global_step 0)
+        step = self.global_step if self.trainer.state.fn == "fit" else self.loaded_step or 0
+        self.last_val_loss = float(val_loss)
         if self.trainer.sanity_checking:  # the run's starting point; Lightning drops sanity-check logs
             self.initial_val_loss = self.last_val_loss
             for logger in self.loggers:
-                logger.log_metrics({"val/loss": self.last_val_loss}, step=self.global_step)
+                logger.log_metrics({"val/loss": self.last_val_loss}, step=step)
         else:
             self.log("val/loss", val_loss, prog_bar=True)
-            self.log("step", float(self.global_step))
+            self.log("step", float(step))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Beside Lightning's state (global_step, optimizer, ...) and the RNG states of gptlab.resume.RandomState.
+        # Beside Lightning's state (global_step, optimizer, ...) and the RNG states of gptlab.callbacks.random_state.RandomState.
         checkpoint[GPT_CONFIG_KEY] = gpt_config_record(self.cfg.model)
         checkpoint["tokens"] = self.global_step * self.plan.tokens_per_step
         checkpoint["initial_val_loss"] = self.initial_val_loss  # a resumed run skips the validation at its start
@@ -110,19 +151,55 @@ class GPTModule(L.LightningModule):
                     "checkpoint's architecture (repeat the run's model overrides)",
                 )
         self.initial_val_loss = checkpoint.get("initial_val_loss")
+        self.loaded_step = checkpoint["global_step"]
 
     def configure_optimizers(self):
         optimizer = self.cfg.optimizer.build(self.model)
         scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.plan.total_steps, self.cfg.model.n_embd)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Global-norm clipping at cfg.grad_clip, just before the optimizer step. TrainingMonitor's
-        on_before_optimizer_step (callbacks run first) has unscaled fp16 gradients, measured their norm, logged
-        it and handled NaN; lr, loss scale and the other training dynamics are logged there too."""
-        norm, self.grad_norm = self.grad_norm, None
-        params = [p for p in self.parameters() if p.grad is not None]  # none when the monitor skipped the step
-        if self.cfg.grad_clip > 0 and params:
-            if norm is None:  # no TrainingMonitor in this Trainer
-                norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))
-            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """The gradients of the step are complete (summed over micro-steps, all-reduced over ranks); the update
+        follows. Measure, guard, clip: the whole of gptlab's say in the step."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16's GradScaler, else None
+        if scaler is not None and unscales_in_step(optimizer):
+            scaler.unscale_(optimizer)  # Lightning left a fused optimizer's gradients scaled; clipping needs them true
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = full_tensor(torch.nn.utils.get_total_norm(grads))  # FSDP: the norm over every rank's shards
+        measured = {"loss": self.last_train_loss, "grad_norm": norm}
+        if scaler is not None:
+            measured["loss_scale"] = loss_scale(scaler)  # the scale of this step's backward
+        values = torch.stack([v.float() for v in measured.values()]).tolist()  # the step's one host sync
+        self.step_stats = dict(zip(measured, values))
+        self.step_outcome = self._guard(optimizer, fp16=scaler is not None)
+        if self.step_outcome == "applied" and self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.parameters(), self.cfg.grad_clip, norm)
+
+    def _guard(self, optimizer, fp16: bool) -> str:
+        """A non-finite loss or gradient norm: stop the run, or drop this update (on_nan). Under fp16, non-finite
+        gradients with a finite loss are an ordinary overflow that GradScaler skips (halving the scale).
+        Every rank holds the same loss and norm, so all decide alike."""
+        loss, norm = self.step_stats["loss"], self.step_stats["grad_norm"]
+        if math.isfinite(loss) and math.isfinite(norm):
+            return "applied"
+        if fp16 and math.isfinite(loss):
+            return "overflow"
+        step = self.global_step + 1  # the step this update would complete, as the loggers count
+        if self.cfg.on_nan == "stop":
+            what = "loss" if not math.isfinite(loss) else "gradients"
+            raise NonFiniteLossError(
+                f"non-finite {what} at step {step} (train loss {loss}, gradient norm {norm}); the update of "
+                f"step {step} was not applied and no checkpoint holds it. Lower optimizer.lr, check the data, "
+                "or set on_nan=skip to skip such batches"
+            )
+        # No gradients: the optimizer leaves weights and state alone (GradScaler's skip, for any precision).
+        # The step still counts: its batch is consumed and the LR schedule moves on.
+        optimizer.zero_grad(set_to_none=True)
+        rank_zero_warn(f"non-finite loss or gradients at step {step}: update skipped (on_nan=skip)")
+        return "nan_skipped"
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # The budget's last step: stopping makes Lightning validate it inside fit (it would not otherwise,
+        # unless eval.every_n_steps divides the budget).
+        if self.global_step >= self.trainer.max_steps:
+            self.trainer.should_stop = True

@@ -19,7 +19,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from gptlab.data.shards import atomic_write_bytes
+from gptlab.files import atomic_write_bytes
+from gptlab.launch import global_rank
 
 PROVENANCE_FILE = "provenance.json"
 DIFF_FILE = "git.diff"
@@ -29,7 +30,7 @@ CODE_DIR = Path(__file__).resolve().parent  # the package's own tree, whatever t
 
 def write_provenance(run_dir: Path, argv: list[str] | None = None, code_dir: Path = CODE_DIR) -> dict | None:
     """Write provenance.json (and git.diff when the tree is dirty) into run_dir; rank 0 only. Returns the record."""
-    if _rank() != 0:
+    if global_rank() != 0:
         return None
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,13 +100,6 @@ def _git(cwd: Path, *args: str, strip: bool = True) -> str | None:
     if proc.returncode != 0:
         return None
     return proc.stdout.strip() if strip else proc.stdout
-
-
-def _rank() -> int:
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):  # as Lightning's rank_zero_only
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
 
 
 # Re-running a run from its folder (scripts/rerun.py): the current conf/ with the run's own overrides.

@@ -1,11 +1,13 @@
-"""The training task: validate the config, fit, and write summary.json whatever happens.
+"""The training task: validate the config, fit, and make sure summary.json says how the run ended.
 
 The config is checked once, into a typed TrainConfig, before torch and Lightning load, so a mistake in a key is
 reported in about a second; the typed config is what the module, the data and the callbacks receive.
+A run that trains writes its summary.json from inside (gptlab.callbacks.summary, rank 0); this writes it for
+a run that fails.
 """
 
-import json
-import math
+import contextlib
+import signal
 import sys
 import time
 import traceback
@@ -14,53 +16,75 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from gptlab.config import check_paths, load_config
-from gptlab.data.shards import atomic_write_bytes
 from gptlab.errors import UserInputError
-from gptlab.launch import global_rank
-from gptlab.sweep import SUMMARY_FILE, in_multirun
-
-SUMMARY_KEYS = (
-    "status", "step", "tokens", "train_loss", "val_loss", "val_loss_initial",
-    "hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n",
-    "tokens_per_s", "samples_per_s", "step_time_ms", "mfu", "wall_s", "seed", "params", "run_dir", "error",
-)  # fmt: skip
+from gptlab.launch import run_ranks, runs_ranks_as_children
+from gptlab.summary import new_summary, read_summary, write_summary
+from gptlab.sweep import in_multirun
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train one job into cfg.paths.output_dir; summary.json is written whatever happens.
+    """Train one job into cfg.paths.output_dir and return its summary (as summary.json holds it).
 
     A failure raises, except in a multirun: there the job reports it on stderr and in its summary.json and
     returns that summary, so that the sweep goes on (gptlab.sweep counts the failures at its end)."""
     started = time.time()
     run_dir = Path(cfg.paths.output_dir)
-    summary = {key: None for key in SUMMARY_KEYS} | {"status": "failed", "seed": cfg.get("seed")}
     try:
         train_cfg, plan = load_config(cfg)  # once: what follows receives the typed config
         train_cfg = check_paths(train_cfg)  # ckpt_path: a run folder becomes its checkpoints/last.ckpt
+        if runs_ranks_as_children(in_multirun(), plan.world_size):
+            return _run_ranks(run_dir, train_cfg.trainer.devices)
         from gptlab.fit import fit  # Lightning takes seconds to import: only once the config is known good
 
-        summary.update(fit(train_cfg, plan, run_dir))
-        summary["status"] = "completed"
+        fit(train_cfg, plan, run_dir, started)  # writes summary.json (rank 0)
+        _finish_wandb(exit_code=0)
+        return read_summary(run_dir) or new_summary(status="completed")  # ranks > 0 have none to read
+    except BaseException as e:
+        summary = _failure(e) | {"seed": cfg.get("seed"), "run_dir": str(run_dir)}
+        with _sigterm_ignored():  # under torchrun a peer that failed first gets this rank SIGTERMed: record first
+            write_summary(run_dir, summary | {"wall_s": round(time.time() - started, 2)})
+            _finish_wandb(exit_code=1)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) or not in_multirun():
+            raise
+        if isinstance(e, UserInputError):
+            print(f"{run_dir}: {e.label}: {e}", file=sys.stderr)  # one line, as a single run exits with
+        else:
+            print(f"{run_dir}: job failed:", file=sys.stderr)
+            traceback.print_exc()  # a bug, not a config mistake: the whole traceback
         return summary
-    except UserInputError as e:  # a config mistake, bad data, a diverged run
-        summary.update(status=e.status, error=f"{e.label}: {e}")
-        if not in_multirun():
-            raise
-        print(f"{run_dir}: {e.label}: {e}", file=sys.stderr)  # one line, as a single run exits with
-    except KeyboardInterrupt:
-        summary["status"] = "interrupted"
-        raise
-    except Exception as e:
-        summary["error"] = f"{type(e).__name__}: {e}"
-        if not in_multirun():
-            raise
-        print(f"{run_dir}: job failed:", file=sys.stderr)
-        traceback.print_exc()  # a bug, not a config mistake: the whole traceback
+
+
+def _failure(e: BaseException) -> dict:
+    """summary.json's fields for a run that ended with `e`."""
+    if isinstance(e, UserInputError):  # a config mistake, bad data, a diverged run
+        return new_summary(status=e.status, error=f"{e.label}: {e}")
+    if isinstance(e, KeyboardInterrupt):
+        return new_summary(status="interrupted")
+    return new_summary(status="failed", error=f"{type(e).__name__}: {e}")
+
+
+def _run_ranks(run_dir: Path, devices: int) -> dict:
+    """A multirun job on several devices: its ranks run as a torchrun child, whose rank 0 writes summary.json."""
+    returncode = run_ranks(run_dir, devices)
+    ranks_summary = read_summary(run_dir)
+    if ranks_summary is None:  # killed before rank 0 could write one
+        raise RuntimeError(f"the job's ranks exited with status {returncode} and wrote no summary.json")
+    if ranks_summary["status"] != "completed":
+        print(f"{run_dir}: {ranks_summary['status']}: {ranks_summary.get('error')}", file=sys.stderr)
+    return ranks_summary
+
+
+@contextlib.contextmanager
+def _sigterm_ignored():
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not this thread's to handle
+        previous = None
+    try:
+        yield
     finally:
-        summary["wall_s"] = round(time.time() - started, 2)
-        _write_summary(run_dir, summary)
-        _finish_wandb(exit_code=0 if summary["status"] == "completed" else 1)
-    return summary  # a failed job of a multirun
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _finish_wandb(exit_code: int) -> None:
@@ -68,11 +92,3 @@ def _finish_wandb(exit_code: int) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish(exit_code=exit_code)
-
-
-def _write_summary(run_dir: Path, summary: dict) -> None:
-    if global_rank() != 0:
-        return  # only rank 0 writes the summary
-    run_dir.mkdir(parents=True, exist_ok=True)
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
-    atomic_write_bytes(run_dir / SUMMARY_FILE, (json.dumps(clean, indent=2) + "\n").encode())

@@ -61,8 +61,6 @@ class MonitorConfig:
     update_ratio: bool = True  # per-layer |Δθ|/|θ| of one step (update_ratio/<layer>, /global, /max); ~1e-3 is healthy
     every_n_steps: int = knob(10, at_least(1))  # how often param_norm and update_ratio are measured
     loss_spike: LossSpikeConfig = field(default_factory=LossSpikeConfig)
-    # NaN/Inf loss or gradients: stop (error naming the step) | skip (drop the update; counted as nan_skipped)
-    on_nan: str = knob("stop", one_of("stop", "skip"))
 
 
 @dataclass

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from gptlab.callbacks.step_end import OnOptimizerStepEnd
 from gptlab.errors import DataError
 from gptlab.eval.config import HellaSwagConfig
 from gptlab.eval.hellaswag import evaluate, hellaswag_file, load_examples
@@ -13,7 +13,7 @@ from gptlab.eval.hellaswag import evaluate, hellaswag_file, load_examples
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
-class HellaSwagEval(L.Callback):
+class HellaSwagEval(OnOptimizerStepEnd):
     def __init__(self, cfg: HellaSwagConfig, trainer_precision: str):
         self.cfg = cfg
         self.autocast_dtype = AUTOCAST_DTYPES.get(trainer_precision)
@@ -37,10 +37,9 @@ class HellaSwagEval(L.Callback):
         examples = load_examples(path)
         self.examples = examples if self.cfg.limit is None else examples[: self.cfg.limit]
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Called after every micro-batch; global_step changes only on the micro-batch that completed a step.
-        step, every = trainer.global_step, self.cfg.every_n_steps
-        if self.examples and every and step > 0 and step % every == 0 and step != self._scored_step:
+    def on_optimizer_step_end(self, trainer, pl_module, step: int) -> None:
+        every = self.cfg.every_n_steps
+        if self.examples and every and step % every == 0:
             self._log(trainer, self._score(pl_module))
 
     def on_train_end(self, trainer, pl_module) -> None:

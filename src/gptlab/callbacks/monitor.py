@@ -1,102 +1,53 @@
 """Training dynamics: gradient and weight norms, update-to-data ratios, learning rate, fp16 loss scale, loss
-spikes, and what a non-finite loss or gradient does to the run.
+spikes, and the count of updates that were skipped.
 
-The work happens in `on_before_optimizer_step`, after backward (and fp16 unscaling) and before the update,
-at ONE host sync per optimizer step: a single `.tolist()` brings the step's loss, gradient norm and loss scale
-(and the previous measuring step's weight statistics) to the host, and the NaN guard, spike detection and
-logging work on those floats. Lightning calls callbacks' on_before_optimizer_step before the module's
-configure_gradient_clipping, which clips with the norm measured here. Weight statistics of a measuring step
-are computed on the device right after its update (on_train_batch_end; the copy of the weights that the
-update ratio needs lives only across the optimizer step) and logged at the next step's sync.
+An observer: the step itself (gradient norm, non-finite guard, clipping) is GPTModule's, which leaves the
+step's numbers on the host in `step_stats` and what became of its update in `step_outcome`; this logs them.
+Weight statistics of a measuring step (every_n_steps) are computed right after its update, from a copy of the
+weights taken just before it.
+
+Lightning's LearningRateMonitor is not used for `lr`: it logs `lr-<Optimizer>` at the step count before the
+update, one step left of the train/loss that learning rate produced on gptlab's step axis.
 """
 
 import math
 import statistics
 from collections import deque
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from gptlab.callbacks.config import MonitorConfig
+from gptlab.callbacks.step_end import OnOptimizerStepEnd
 from gptlab.distributed import full_tensor
-from gptlab.errors import UserInputError
+
+COUNTED_OUTCOMES = {"overflow": "skipped_steps", "nan_skipped": "nan_skipped"}  # GPTModule.step_outcome -> count
 
 
-class NonFiniteLossError(UserInputError):
-    """The loss or the gradients were NaN/Inf and callbacks.monitor.on_nan=stop."""
-
-    label = "Training stopped"
-    status = "diverged"
-
-
-class TrainingMonitor(L.Callback):
-    def __init__(self, cfg: MonitorConfig):
-        self.cfg = cfg
+class TrainingMonitor(OnOptimizerStepEnd):
+    def __init__(self, cfg: MonitorConfig, on_nan: str):
+        self.cfg, self.on_nan = cfg, on_nan
         self.losses: deque[float] = deque(maxlen=cfg.loss_spike.window)  # recent finite train losses
         self.counts = {"skipped_steps": 0, "nan_skipped": 0, "loss_spikes": 0}
-        self._measuring: int | None = None  # the step whose update is being measured
-        self._before: dict | None = None  # the weights before that update (for update_ratio)
-        self._pending: tuple[int, dict] | None = None  # (step, its weight statistics, still on the device)
+        self._before: dict | None = None  # the weights before a measuring step's update (for update_ratio)
+        self._lrs: dict = {}  # learning rate by parameter group, as this step's update used it
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)  # fp16's GradScaler
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scaler.unscale_(optimizer)  # fused optimizers unscale inside step(): Lightning left it to them
         step = trainer.global_step + 1  # the step this update completes, as the loggers count
-        norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in pl_module.parameters() if p.grad is not None]))
-        pl_module.grad_norm = norm  # configure_gradient_clipping clips with it: measured once per step
+        self._lrs = {group.get("name", i): group["lr"] for i, group in enumerate(optimizer.param_groups)}  # this step's
+        if self.cfg.update_ratio and step % self.cfg.every_n_steps == 0:
+            self._before = snapshot(pl_module.model)
 
-        on_device = {"loss": pl_module.last_train_loss, "grad_norm": norm}
-        if scaler is not None:
-            on_device["loss_scale"] = scaler._get_scale_async()  # the scale of this step's backward
-        pending_step, stats = self._pending or (None, {})
-        on_device |= stats
-        host = dict(zip(on_device, torch.stack([v.float() for v in on_device.values()]).tolist()))  # the sync
-        if self._pending:
-            self._log_weight_stats(trainer, pending_step, host)
-            self._pending = None
-
-        self._guard(step, host, scaler is not None, optimizer)
-        self.check_loss_spike(step, host["loss"])
-        self._log_step(pl_module, optimizer, host)
+    def on_optimizer_step_end(self, trainer, pl_module, step: int) -> None:
+        stats = pl_module.step_stats
+        if pl_module.step_outcome in COUNTED_OUTCOMES:
+            self.counts[COUNTED_OUTCOMES[pl_module.step_outcome]] += 1
+        self.check_loss_spike(step, stats["loss"])
+        self._log_step(pl_module, stats)
         if (self.cfg.param_norm or self.cfg.update_ratio) and step % self.cfg.every_n_steps == 0:
-            self._measuring = step
-            self._before = snapshot(pl_module.model) if self.cfg.update_ratio else None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._measuring is not None and trainer.global_step == self._measuring:  # its update is applied
-            self._pending = (self._measuring, self._weight_stats(pl_module.model, self._before))
-            self._measuring = self._before = None
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self._pending:  # the last step's weight statistics: no next step to bring them to the host
-            step, stats = self._pending
-            self._log_weight_stats(trainer, step, dict(zip(stats, torch.stack(list(stats.values())).tolist())))
-            self._pending = None
-
-    def _guard(self, step: int, host: dict, fp16: bool, optimizer) -> None:
-        """NaN/Inf: stop, or drop this update. Under fp16, non-finite gradients with a finite loss are
-        ordinary overflows that GradScaler skips (halving the scale): counted, not treated as NaN."""
-        loss, norm = host["loss"], host["grad_norm"]
-        if math.isfinite(loss) and math.isfinite(norm):
-            return
-        if fp16 and math.isfinite(loss):
-            self.counts["skipped_steps"] += 1
-            return
-        if self.cfg.on_nan == "stop":
-            what = "loss" if not math.isfinite(loss) else "gradients"
-            raise NonFiniteLossError(
-                f"non-finite {what} at step {step} (train loss {loss}, gradient norm {norm}); the update of "
-                f"step {step} was not applied and no checkpoint holds it. Lower optimizer.lr, check the data, "
-                "or set callbacks.monitor.on_nan=skip to skip such batches"
-            )
-        # No gradients: the optimizer leaves weights and state alone (GradScaler's skip, for any precision).
-        # The step still counts: its batch is consumed and the LR schedule moves on.
-        optimizer.zero_grad(set_to_none=True)
-        self.counts["nan_skipped"] += 1
-        rank_zero_warn(f"non-finite loss or gradients at step {step}: update skipped (callbacks.monitor.on_nan=skip)")
+            self._log_weight_stats(trainer, step, self._weight_stats(pl_module.model, self._before))
+            self._before = None
 
     def check_loss_spike(self, step: int, loss: float) -> bool:
         """Is `loss` more than k standard deviations above the mean of the window? Warns and counts if so."""
@@ -118,23 +69,22 @@ class TrainingMonitor(L.Callback):
         self.losses.append(loss)
         return spike
 
-    def _log_step(self, pl_module, optimizer, host: dict) -> None:
+    def _log_step(self, pl_module, host: dict[str, float]) -> None:
         # CPU tensors: Lightning keeps a logged value on its device, so these add no transfer to the GPU.
         def log(name: str, value: float) -> None:
             pl_module.log(name, torch.tensor(value, dtype=torch.float64))
 
         if self.cfg.grad_norm:
             log("grad_norm", host["grad_norm"])
-        if self.cfg.lr:
-            lrs = [group["lr"] for group in optimizer.param_groups]
-            log("lr", lrs[0])
-            if len(set(lrs)) > 1:  # e.g. Muon and AdamW groups
-                for i, group in enumerate(optimizer.param_groups):
-                    log(f"lr/{group.get('name', i)}", group["lr"])
+        if self.cfg.lr:  # as the update used it (the schedule has moved on by now)
+            log("lr", next(iter(self._lrs.values())))
+            if len(set(self._lrs.values())) > 1:  # e.g. Muon and AdamW groups
+                for name, lr in self._lrs.items():
+                    log(f"lr/{name}", lr)
         if "loss_scale" in host and self.cfg.loss_scale:
             log("loss_scale", host["loss_scale"])
             log("skipped_steps", self.counts["skipped_steps"])
-        if self.cfg.on_nan == "skip":
+        if self.on_nan == "skip":
             log("nan_skipped", self.counts["nan_skipped"])
         if self.cfg.loss_spike.enabled:
             log("loss_spikes", self.counts["loss_spikes"])
@@ -149,9 +99,9 @@ class TrainingMonitor(L.Callback):
         return stats
 
     @staticmethod
-    def _log_weight_stats(trainer, step: int, host: dict) -> None:
-        # Straight to the loggers, at the step they describe (Lightning's self.log would file them a step late).
-        metrics = {k: v for k, v in host.items() if k == "param_norm" or k.startswith("update_ratio/")}
+    def _log_weight_stats(trainer, step: int, stats: dict[str, torch.Tensor]) -> None:
+        # Straight to the loggers, every every_n_steps (self.log would log them on log_every_n_steps only).
+        metrics = dict(zip(stats, torch.stack(list(stats.values())).tolist())) if stats else {}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
@@ -167,7 +117,7 @@ def layers(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """Parameters grouped by the module that holds them, named by its path: h.0.attn.c_attn, wte, ln_f, ..."""
     grouped: dict[str, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():  # tied weights once
-        layer = name.rpartition(".")[0].replace("_orig_mod.", "").removeprefix("transformer.")
+        layer = name.rpartition(".")[0].removeprefix("transformer.")
         grouped.setdefault(layer, []).append(p)
     return grouped
 

@@ -8,14 +8,14 @@ and rank 0 prints the top ops by `sort_by`, also kept in <run>/profile/top_ops.t
 
 from pathlib import Path
 
-import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from gptlab.callbacks.config import ProfilerConfig
+from gptlab.callbacks.step_end import OnOptimizerStepEnd
 
 
-class TorchProfiler(L.Callback):
+class TorchProfiler(OnOptimizerStepEnd):
     def __init__(self, cfg: ProfilerConfig, out_dir: Path):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
@@ -23,6 +23,7 @@ class TorchProfiler(L.Callback):
         self._profiler: profile | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
         cfg = self.cfg
         activities = [ProfilerActivity.CPU]
         if pl_module.device.type == "cuda":
@@ -39,10 +40,10 @@ class TorchProfiler(L.Callback):
         )
         self._profiler.start()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._profiler is None or trainer.global_step == self._last_step:  # done, or mid-accumulation
+    def on_optimizer_step_end(self, trainer, pl_module, step: int) -> None:
+        if self._profiler is None:  # done
             return
-        self._last_step = trainer.global_step
+        self._last_step = step
         self._profiler.step()  # one optimizer step done: advance the schedule
         if self.trace_path is not None:
             self._stop()

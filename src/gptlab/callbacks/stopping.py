@@ -4,22 +4,18 @@ Lightning's EarlyStopping has the same `stopping_threshold`, but checks it only 
 checks the loss of every optimizer step, so an overfitting run ends at the first step below it.
 """
 
-import lightning as L
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from gptlab.callbacks.step_end import OnOptimizerStepEnd
 
-class StoppingThreshold(L.Callback):
+
+class StoppingThreshold(OnOptimizerStepEnd):
     def __init__(self, threshold: float):
         self.threshold = threshold
         self.reached_at: int | None = None  # the step whose train loss fell below the threshold
-        self._last_step = -1
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step  # optimizer steps completed
-        if step == self._last_step or pl_module.last_train_loss is None:  # still accumulating micro-batches
-            return
-        self._last_step = step
-        loss = float(pl_module.last_train_loss)  # the mean over micro-steps and ranks: every rank decides alike
+    def on_optimizer_step_end(self, trainer, pl_module, step: int) -> None:
+        loss = pl_module.step_stats["loss"]  # the mean over micro-steps and ranks: every rank decides alike
         if loss < self.threshold:
             self.reached_at = step
             trainer.should_stop = True

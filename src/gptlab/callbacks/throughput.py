@@ -9,16 +9,16 @@ interval ends when the host has queued its steps; at a steady state the queue's 
 import statistics
 import time
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from gptlab.callbacks.step_end import OnOptimizerStepEnd
 from gptlab.flops import gpu_label, mfu, peak_flops
 
 METRICS = ("tokens_per_s", "samples_per_s", "step_time_ms", "mfu")  # wall-clock: they differ between equal runs
 
 
-class ThroughputMonitor(L.Callback):
+class ThroughputMeter(OnOptimizerStepEnd):
     def __init__(
         self, tokens_per_step: int, log_every_n_steps: int, seq_len: int, flops_per_token: int, precision: str
     ):
@@ -30,6 +30,7 @@ class ThroughputMonitor(L.Callback):
         self.intervals: list[dict[str, float]] = []  # the logged metrics of each logging interval
 
     def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
         device = pl_module.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         peak = peak_flops(name, self.precision)
@@ -37,11 +38,7 @@ class ThroughputMonitor(L.Callback):
         _announce(self.flops_per_token, peak, name, gpu_label(name), self.precision)
         self._mark(trainer.global_step)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # still accumulating micro-batches
-            return
-        self._last_step = step
+    def on_optimizer_step_end(self, trainer, pl_module, step: int) -> None:
         if step % self.every == 0:
             metrics = self._measure(step - self._start_step, time.perf_counter() - self._start_time)
             for key, value in metrics.items():
@@ -57,7 +54,7 @@ class ThroughputMonitor(L.Callback):
             self._start_time += time.perf_counter() - self._val_start
 
     def _mark(self, step: int) -> None:
-        self._start_step, self._last_step, self._start_time = step, step, time.perf_counter()
+        self._start_step, self._start_time = step, time.perf_counter()
 
     def _measure(self, steps: int, seconds: float) -> dict[str, float]:
         tokens_per_s = steps * self.tokens_per_step / seconds

@@ -31,8 +31,6 @@ from gptlab.data import sources
 from gptlab.data.config import DataConfig, PrepareConfig
 from gptlab.data.shards import (
     MANIFEST,
-    atomic_write_bytes,
-    file_sha256,
     read_manifest,
     shard_name,
     write_manifest,
@@ -41,6 +39,7 @@ from gptlab.data.shards import (
 from gptlab.data.sources import COUNTS, Stream
 from gptlab.data.tokenizer import EOT, RANKS_SHA256, gpt2_tokenizer
 from gptlab.errors import DataError
+from gptlab.files import atomic_write_bytes, sha256_of
 
 SPLITS = ("train", "val")
 STATE = "prepare_state.json"  # the progress of an unfinished prepare; removed once manifest.json is written
@@ -293,7 +292,7 @@ def load_progress(folder: Path, settings: dict) -> dict[str, Progress]:
     entries = [entry for p in progress.values() for entry in p.shards]
     for entry in entries:
         shard = folder / entry["file"]
-        if not (shard.is_file() and shard.with_suffix(".idx").is_file() and file_sha256(shard) == entry["sha256"]):
+        if not (shard.is_file() and shard.with_suffix(".idx").is_file() and sha256_of(shard) == entry["sha256"]):
             tqdm.write(f"{shard} is not the shard {STATE} recorded: preparing from the start", file=sys.stderr)
             return fresh
     tqdm.write(f"Resuming an interrupted prepare: {len(entries)} finished shards verified", file=sys.stderr)

@@ -8,13 +8,13 @@ Every file is written to a temporary name and renamed, so a crash never leaves a
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from gptlab.errors import DataError
+from gptlab.files import atomic_write_bytes, sha256_of
 
 MAGIC = 20240520
 VERSION = 1
@@ -97,31 +97,12 @@ def check_dataset(folder: Path, tokenizer_sha256: str, verify_checksums: bool) -
         n_tokens = len(read_shard(path))
         if n_tokens != entry["tokens"]:
             raise ShardError(f"{path}: holds {n_tokens} tokens, {MANIFEST} says {entry['tokens']}")
-        if verify_checksums and file_sha256(path) != entry["sha256"]:
+        if verify_checksums and sha256_of(path) != entry["sha256"]:
             raise ShardError(f"{path}: sha256 differs from {MANIFEST}: the shard was altered or damaged")
     return manifest
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def split_shards(folder: Path, manifest: dict, split: str) -> Iterator[Path]:
     for entry in manifest["shards"]:
         if entry["split"] == split:
             yield Path(folder) / entry["file"]
-
-
-def atomic_write_bytes(path: Path, *chunks: bytes | memoryview) -> None:
-    """Write chunks to a temporary file, then rename it over `path`: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

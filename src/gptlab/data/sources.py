@@ -49,8 +49,8 @@ class Stream:
 
 def streams(cfg: DataConfig) -> list[Stream]:
     """The streams of cfg, validation first; local files are listed now, so a bad path fails early."""
-    if cfg.name == "sample":  # the built-in corpus (gptlab.data.sample builds on this module)
-        from gptlab.data.sample import sample_stream
+    if cfg.name == "sample":  # the built-in corpus (gptlab.data.sample_corpus builds on this module)
+        from gptlab.data.sample_corpus import sample_stream
 
         return [sample_stream()]
     hub = is_hub_id(cfg.source)

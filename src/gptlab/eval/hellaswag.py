@@ -11,8 +11,6 @@ real positions. Batch shapes come from a few buckets so a torch.compile'd model 
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,6 +25,7 @@ from gptlab.config import PathsConfig
 from gptlab.data.tokenizer import gpt2_tokenizer
 from gptlab.errors import DataError
 from gptlab.eval.config import HellaSwagFileConfig
+from gptlab.files import atomic_open, atomic_write_bytes, sha256_of
 from gptlab.schema import at_least, knob, one_of, optional, required
 
 
@@ -105,34 +104,16 @@ def verify_cached(file: Path) -> None:
 def download_file(url: str, dest: Path) -> Path | None:
     """Download url to dest atomically (a temp file renamed into place) and record its sha256 beside it.
     None when the download fails, e.g. with no network."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urlopen(url, timeout=60) as response:
+        with atomic_open(dest) as out, urlopen(url, timeout=60) as response:
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
-        write_atomic(dest.with_name(dest.name + SHA256_SUFFIX), digest.hexdigest() + "\n")
-        os.replace(tmp, dest)
-        return dest
+            atomic_write_bytes(dest.with_name(dest.name + SHA256_SUFFIX), (digest.hexdigest() + "\n").encode())
     except OSError:  # URLError, timeouts and connection resets are all OSErrors
         return None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def write_atomic(dest: Path, text: str) -> None:
-    tmp = dest.with_name(f".{dest.name}.part")
-    tmp.write_text(text)
-    os.replace(tmp, dest)
-
-
-def sha256_of(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    return dest
     return digest.hexdigest()
 
 
@@ -232,10 +213,10 @@ def predict(
     """(len(examples), 2) predicted ending per example: column 0 by summed loss, column 1 by mean loss.
 
     batch_size: examples per forward pass (4 * batch_size rows, always: short batches get dummy rows).
-    block_size: longest row, default model.config.block_size (pass it for a wrapped model).
+    block_size: longest row, default model.config.block_size.
     min_batches: run at least this many forward passes; the extra ones score a dummy batch and are discarded
     (under FSDP every forward pass gathers parameters from all ranks, so all ranks must run as many)."""
-    block_size = block_size or unwrap(model).config.block_size
+    block_size = block_size or model.config.block_size
     device = torch.device(device)
     rows = [example_rows(example, block_size) for example in examples]
     order = sorted(range(len(examples)), key=lambda i: max(len(tokens) for tokens, _ in rows[i]))
@@ -293,10 +274,3 @@ def evaluate(
     return dict(
         acc=correct / max(n, 1), acc_norm=correct_norm / max(n, 1), n=n, correct=correct, correct_norm=correct_norm
     )
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPT inside torch.compile's and DDP's wrappers (for its config)."""
-    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model

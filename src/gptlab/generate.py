@@ -1,6 +1,6 @@
 """Autoregressive sampling from a GPT: temperature, top-k, greedy at temperature 0.
 
-Works with a torch.compile'd model: compile it with `dynamic=True` (see `compile_for_sampling`) so that
+Works with a compiled model: compile it in place with `dynamic=True` (see `compile_for_sampling`) so that
 the growing context does not trigger a recompilation for every new token.
 """
 
@@ -48,7 +48,7 @@ def generate(
     temperature 0 picks the most likely token (greedy); top_k keeps only the k most likely tokens.
     vocab_size limits the choice to the first vocab_size ids, e.g. 50257 to never pick a padding id.
     generator: a torch.Generator on idx's device, for reproducible samples."""
-    block_size = getattr(model, "_orig_mod", model).config.block_size
+    block_size = model.config.block_size
     for _ in range(max_new_tokens):
         context = idx if idx.size(1) <= block_size else crop(idx, block_size)
         logits, _ = model(context)
@@ -78,5 +78,7 @@ def next_token(
 
 
 def compile_for_sampling(model):
-    """torch.compile with dynamic shapes: one graph serves every context length up to block_size."""
-    return torch.compile(model, dynamic=True)
+    """Compile in place (nn.Module.compile) with dynamic shapes: one graph serves every context length up to
+    block_size. Returns the model."""
+    model.compile(dynamic=True)
+    return model

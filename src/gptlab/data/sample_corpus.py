@@ -9,7 +9,6 @@ import ast
 import platform
 import sysconfig
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 from gptlab.data.sources import Document, Stream

@@ -7,13 +7,22 @@ from pathlib import Path
 import torch
 
 from gptlab.config import SHARDED_META, is_sharded_checkpoint
-from gptlab.errors import DataError
+from gptlab.errors import ConfigError, DataError
+from gptlab.internals import COMPILED_PREFIX
 from gptlab.model import GPT
 from gptlab.model_config import gpt_config_from_checkpoint
 
 MODULE_PREFIX = "model."  # GPTModule keeps the GPT as `self.model`
-COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper adds to parameter names
 DCP_INDEX = ".metadata"  # in a sharded checkpoint: torch.distributed.checkpoint's index of the shards
+
+
+def resolve_device(name: str) -> str:
+    """The `device` key of the eval, sample and export scripts: auto is cuda where there is a GPU, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", f"{name} asked for, but no GPU is available here (use device=cpu)")
+    return name
 
 
 def load_model(name_or_path: str | Path, map_location: str | torch.device = "cpu") -> GPT:

@@ -1,0 +1,46 @@
+"""Write summary.json from inside the run, on rank 0, once it has trained (or, resumed with no steps left,
+validated): whichever way the ranks were started, the file holds what they measured."""
+
+import time
+from pathlib import Path
+
+import lightning as L
+
+from gptlab.callbacks.hellaswag import HellaSwagEval
+from gptlab.callbacks.throughput import ThroughputMeter
+from gptlab.summary import new_summary, write_summary
+
+
+class RunSummary(L.Callback):
+    def __init__(self, run_dir: Path, started: float, seed: int, tokens_per_step: int):
+        """started: time.time() when the job began."""
+        self.run_dir, self.started, self.seed, self.tokens_per_step = run_dir, started, seed, tokens_per_step
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, trainer.global_step)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":  # a resumed run with no steps left: its checkpoint, validated
+            self._write(trainer, pl_module, pl_module.loaded_step or 0)
+
+    def _write(self, trainer, pl_module, step: int) -> None:
+        """The run's numbers, as the module and the other callbacks (where present) measured them."""
+        throughput = next((c.medians() for c in trainer.callbacks if isinstance(c, ThroughputMeter)), {})
+        scores = next((c.result for c in trainer.callbacks if isinstance(c, HellaSwagEval)), None) or {}
+        summary = new_summary(
+            status="completed",
+            step=step,
+            tokens=step * self.tokens_per_step,
+            train_loss=pl_module.step_stats.get("loss"),
+            val_loss=pl_module.last_val_loss,
+            val_loss_initial=pl_module.initial_val_loss,
+            hellaswag_acc=scores.get("acc"),
+            hellaswag_acc_norm=scores.get("acc_norm"),
+            hellaswag_n=scores.get("n"),
+            **throughput,  # tokens_per_s, samples_per_s, step_time_ms, mfu (not on CPU)
+            wall_s=round(time.time() - self.started, 2),
+            seed=self.seed,
+            params=pl_module.model.num_params(),
+            run_dir=str(self.run_dir),
+        )
+        write_summary(self.run_dir, summary)
