@@ -35,6 +35,8 @@ NOT_FOR_GPTLAB = (
     r".*It is recommended to use `self.log\('(val/loss|step)'",
     # Resuming mid-epoch, Lightning warns that the loader is not resumable: TokenDataModule restores its position.
     r".*your dataloader is not resumable",
+    # Checkpoints of gptlab before StepCheckpoints hold the state of its RunCheckpoint, which nothing needs now.
+    r".*callbacks used to create the checkpoint need to be provided.*RunCheckpoint",
 )  # Lightning warnings that do not apply to this module (silenced in setup, in every rank's process)
 
 
