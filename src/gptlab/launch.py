@@ -112,7 +112,7 @@ def check_launch(cfg, multirun: bool, hydra_launcher: str | None) -> None:
         raise ConfigError(
             "hydra/launcher",
             f"a multirun started by {launcher} runs the whole sweep in every rank; start the sweep without "
-            f"{launcher} (each job then spawns its trainer.devices ranks) or use hydra/launcher=slurm",
+            f"{launcher} (each job then runs its trainer.devices ranks itself) or use hydra/launcher=slurm",
         )
     per_node, nodes = launcher_world()
     if (cfg.trainer.devices, cfg.distributed.num_nodes) != (per_node, nodes):
