@@ -1,8 +1,9 @@
-"""Export a gptlab checkpoint as a Hugging Face GPT-2 folder:
-`python scripts/export_hf.py checkpoint=outputs/runs/<run>/checkpoints/last.ckpt out=exports/my-gpt2`.
+"""Export a gptlab checkpoint as a Hugging Face GPT-2 or Llama folder, whichever the model's architecture maps to:
+`python scripts/export_hf.py checkpoint=outputs/runs/<run>/checkpoints/last.ckpt out=exports/my-gpt`.
 
-The folder holds config.json + model.safetensors; `GPT2LMHeadModel.from_pretrained(out)` loads it, and the
-GPT-2 tokenizer (`AutoTokenizer.from_pretrained("gpt2")`) matches its ids. See conf/export_hf.yaml.
+The folder holds config.json + model.safetensors; `AutoModelForCausalLM.from_pretrained(out)` loads it (as
+`GPT2LMHeadModel` or `LlamaForCausalLM`), and the GPT-2 tokenizer (`AutoTokenizer.from_pretrained("gpt2")`)
+matches its ids. See conf/export_hf.yaml.
 """
 
 import os
@@ -12,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gptlab.errors import exit_on_config_error, exit_on_user_error
-from gptlab.hf import ExportHFConfig, export_hf
+from gptlab.hf import ExportHFConfig, export_hf, export_target
 from gptlab.pretrained import load_gpt
 from gptlab.schema import load
 
@@ -30,7 +31,8 @@ def main(cfg: DictConfig) -> None:
 def export(cfg: ExportHFConfig) -> None:
     model = load_gpt(cfg.checkpoint)
     folder = export_hf(model, Path(cfg.out), vocab_size=cfg.vocab_size)
-    print(f"Exported {cfg.checkpoint} ({model.num_params():,} parameters) to {folder} as a Hugging Face GPT-2")
+    target = export_target(model.config)
+    print(f"Exported {cfg.checkpoint} ({model.num_params():,} parameters) to {folder} as a Hugging Face {target}")
 
 
 if __name__ == "__main__":

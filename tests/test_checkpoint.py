@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gptlab.config import ConfigError
+from gptlab.model_config import VERSION, GPTConfig, gpt_config_from_record
 from gptlab.pretrained import load_gpt
 from gptlab.train import run
 from tests.conftest import ROOT, compose_train, read_metrics
@@ -117,7 +118,7 @@ def test_checkpoint_holds_everything_a_resume_needs(tmp_path, data_dir, monkeypa
     assert ckpt["TokenDataModule"]["micro_batches"] == 4  # data position: 2 steps x 2 micro-batches
     assert set(ckpt["rng_states"]) == {"python", "numpy", "torch", "cuda"}
     assert ckpt["initial_val_loss"] == summary["val_loss_initial"]
-    assert ckpt["gpt_config"] == {"version": 1, **ckpt["hyper_parameters"]["config"]["model"]}  # the model's own
+    assert ckpt["gpt_config"] == {"version": VERSION, **ckpt["hyper_parameters"]["config"]["model"]}  # the model's own
     assert ckpt["gpt_config"]["n_layer"] == 2 and ckpt["hyper_parameters"]["config"]["optimizer"]["name"] == "adamw"
     assert load_gpt(run_dir / "checkpoints" / "step_000001.ckpt").state_dict().keys()
 
@@ -153,6 +154,16 @@ def test_a_checkpoint_written_before_the_config_schemas_loads():
     assert loss.item() == pytest.approx(OLD_LOSS, rel=0, abs=1e-6)
 
 
+def test_a_version_1_model_record_reads_as_gpt2():
+    """Records written before the architecture catalog (version 1) lack its fields: they read as GPT-2's."""
+    fields_v1 = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "norm_position", "norm", "bias",
+                 "tie_embeddings", "attention", "init", "init_std", "embd_dropout", "attn_dropout", "resid_dropout",
+                 "label_smoothing", "activation_checkpointing", "compile")  # fmt: skip
+    old = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=16)
+    config = gpt_config_from_record({"version": 1, **{k: getattr(old, k) for k in fields_v1}})
+    assert config == old and (config.position, config.mlp, config.kv_heads) == ("learned", "gelu", 2)
+
+
 def test_a_checkpoint_loads_whatever_the_training_rules_of_the_day(tmp_path):
     """Eval, sampling and export read the model config alone: a training config that today's rules reject (an
     optimizer gptlab no longer has, a batch that does not divide, a key that no longer exists) does not matter."""
@@ -172,10 +183,10 @@ def test_a_model_config_gptlab_cannot_read_is_a_data_error(tmp_path):
     ckpt = load(OLD_CHECKPOINT)
     for name, record in [
         ("newer", {"version": 99, **ckpt["hyper_parameters"]["config"]["model"]}),
-        ("broken", {"version": 1, **ckpt["hyper_parameters"]["config"]["model"], "n_head": 3}),
+        ("broken", {"version": VERSION, **ckpt["hyper_parameters"]["config"]["model"], "n_head": 3}),
     ]:
         torch.save({**ckpt, "gpt_config": record}, tmp_path / f"{name}.ckpt")
-    with pytest.raises(DataError, match="model config of version 99; this gptlab reads up to 1"):
+    with pytest.raises(DataError, match=f"model config of version 99; this gptlab reads up to {VERSION}"):
         load_gpt(tmp_path / "newer.ckpt")
     with pytest.raises(DataError, match=r"model.n_embd: must be divisible by n_head"):
         load_gpt(tmp_path / "broken.ckpt")

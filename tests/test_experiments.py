@@ -6,6 +6,7 @@ import itertools
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from gptlab.config import load_config
 from tests.conftest import CONF, compose_train
@@ -22,6 +23,7 @@ ABLATIONS = {
     "ablate_label_smoothing": {"model.label_smoothing": ["0.0", "0.1"]},
     "ablate_precision": {"precision": ["fp32", "bf16", "bf16_true"]},
     "ablate_radam_vs_warmup": {"optimizer": ["adamw", "radam"], "scheduler.warmup_steps": ["0", "8"]},
+    "ablate_architecture": {"arch": sorted(p.stem for p in (CONF / "arch").glob("*.yaml"))},
 }
 TOKENS_PER_STEP = 524_288  # 2**19, GPT-3 Small/Medium/Large's 0.5M-token batch
 
@@ -99,6 +101,9 @@ def test_ablation_sweeps_its_values_over_three_seeds(experiment):
         for key, value in (override.split("=") for override in job):
             if key in ("seed", "grad_clip"):
                 assert getattr(cfg, key) == float(value)
+            elif key == "arch":  # conf/arch/<value>.yaml: its keys land in the model's config
+                change = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / f"{value}.yaml"))
+                assert all(getattr(cfg.model, k) == v for k, v in change.items())
             elif "." in key:
                 group, knob = key.split(".")
                 assert str(getattr(getattr(cfg, group), knob)) == value

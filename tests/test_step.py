@@ -21,6 +21,7 @@ from gptlab.module import GPTModule, NonFiniteLossError
 from tests.conftest import compose_train
 from tests.test_monitor import FAST
 
+
 class Observer(L.Callback):
     """Per optimizer step: the norm of the gradients the module received, the norm of those the optimizer
     stepped with (None: no gradients), the module's step_stats and step_outcome, and the weights after it."""

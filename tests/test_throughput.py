@@ -31,6 +31,22 @@ def test_flops_per_token_gpt2_124m_is_the_palm_closed_form():
     assert flops_per_token(untied, seq_len=T) == expected + 6 * V * d
 
 
+def test_flops_per_token_counts_grouped_query_attention_and_gated_mlps():
+    """A modern block by hand: RoPE (no position weights), RMSNorm (weight only), no biases, 2 key/value heads for
+    8 query heads, SwiGLU with hidden 8/3 d rounded up to 64, untied head. Attention's 12*L*H*Q*T counts the query
+    heads: grouped keys and values shrink the projections (in N), not the score and mix matmuls."""
+    L, H, KV, Q, T, d, V = 2, 8, 2, 16, 256, 128, 50304
+    hidden = 384  # 8/3 * 128 = 341.3, rounded up to a multiple of 64
+    modern = GPTConfig(n_layer=L, n_head=H, n_kv_head=KV, n_embd=d, vocab_size=V, block_size=T, position="rope",
+                       norm="rmsnorm", bias=False, mlp="swiglu", multiple_of=64, tie_embeddings=False)  # fmt: skip
+    attention = d * (H + 2 * KV) * Q + d * d  # fused q, k, v (fewer k, v heads) and the output projection
+    mlp = 3 * d * hidden  # gate, up, down
+    n = V * d + L * (2 * d + attention + mlp) + d + V * d  # embedding, blocks (2 RMSNorms), final norm, head
+    assert flops_per_token(modern, seq_len=T) == 6 * n + 12 * L * H * Q * T
+    gpt2_mlp = replace(modern, mlp="gelu")  # 4d ungated: 2 matrices of d x 4d
+    assert flops_per_token(gpt2_mlp, seq_len=T) == 6 * (n - L * (mlp - 2 * d * 4 * d)) + 12 * L * H * Q * T
+
+
 def test_peak_flops_known_and_unknown_devices():
     assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.4e12  # H100 SXM, dense
     assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756.5e12

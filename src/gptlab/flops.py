@@ -4,6 +4,10 @@ MFU = achieved model FLOP/s / peak FLOP/s, with the PaLM paper's count (Chowdher
 6N + 12*L*H*Q*T FLOPs per token for forward and backward, N the parameters without the position embedding (as
 nanoGPT's estimate_mfu counts them), L layers, H heads, Q head dim, T sequence length. Activation checkpointing's
 recomputation is not counted: that would be hardware FLOPs utilization (HFU), not MFU.
+N is counted on the model itself, so grouped-query attention (smaller k and v projections), gated MLPs (three
+matrices) and RoPE (no position weights) count exactly; the attention term counts the query heads, which set
+the size of the score and mixing matmuls whatever the number of key/value heads. Document masking skips part of
+those matmuls; MFU still counts the full causal T, as PaLM's formula does.
 """
 
 import re

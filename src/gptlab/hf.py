@@ -1,20 +1,25 @@
-"""Hugging Face GPT-2 interop: import a `GPT2LMHeadModel` into gptlab's GPT, export a GPT as an HF folder.
+"""Hugging Face interop: import a GPT-2 (`GPT2LMHeadModel`) into gptlab's GPT; export a GPT as an HF GPT-2 or
+Llama (`LlamaForCausalLM`) folder, whichever computes the same function (export_target picks; a GPT with a
+setting neither has, e.g. QK-norm, is refused naming it).
 
-Both models use the same parameter names (`transformer.*`, `lm_head`); the differences are:
-- HF keeps c_attn, c_proj and c_fc in Conv1D layers, whose weights are the transpose of nn.Linear's.
-- Architecture: GPT-2 is gptlab's default (pre-norm, LayerNorm, tied head, biases); import sets it, and export
-  refuses a model with another (see GPT2_ARCHITECTURE). Manual attention exports: it is the same function.
+- GPT-2 is gptlab's default architecture (pre-norm, LayerNorm, learned positions, GELU MLP, tied head, biases);
+  import sets it. Both use the same parameter names (`transformer.*`, `lm_head`), but HF keeps c_attn, c_proj
+  and c_fc in Conv1D layers, whose weights are the transpose of nn.Linear's.
+- Llama is pre-norm RMSNorm, RoPE on every dim of a head, a gated MLP, and optionally grouped-query attention,
+  biases and an untied head. Its weights are gptlab's renamed, c_attn split into q_proj, k_proj and v_proj; both
+  rotate q and k with rotate_half on a head's dims in their natural order, so no permutation is needed.
+- Manual attention exports to either: it is the same function as sdpa.
 - Vocabulary: HF GPT-2 has the tokenizer's 50257 rows; gptlab pads to 50304 for faster matmuls.
   Import keeps 50257 unless asked to pad: the extra rows are zero, so the logits of real tokens are
-  unchanged and the padded ids get logit 0 (gptlab.generate never samples them). Export drops the rows
-  beyond vocab_size (padded ids are never targets, so no real token loses anything).
+  unchanged and the padded ids get logit 0 (gptlab.generate never samples them). Export (to either) drops the
+  rows beyond vocab_size (padded ids are never targets, so no real token loses anything).
 
 transformers and safetensors are an optional extra (`pip install -e .[hf]`): imported inside functions.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -28,13 +33,61 @@ TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "ml
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers, not weights
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # two implementations of the GELU(tanh) gptlab uses
 LAYER_NORM_EPS = NORM_EPS  # nn.LayerNorm's default, what gptlab's GPT uses
-# GPTConfig settings GPT-2 has; a model with other values cannot be exported (attention sdpa or manual: same math).
-GPT2_ARCHITECTURE = dict(norm_position="pre", norm="layernorm", tie_embeddings=True, bias=True)
-WHY_GPT2_CANNOT = dict(
-    norm_position="GPT-2 normalizes the input of each sublayer (pre-norm) and has a final ln_f",
-    norm="GPT-2 uses LayerNorm",
-    tie_embeddings="GPT-2's output head is the token embedding",
-    bias="GPT-2 has biases in every Linear and LayerNorm",
+GPT2_ARCHITECTURE = dict(norm_position="pre", norm="layernorm", tie_embeddings=True, bias=True)  # import sets these
+GATED_ACTIVATIONS = dict(swiglu="silu", geglu="gelu_pytorch_tanh")  # gptlab's gated MLP -> Llama's hidden_act
+
+
+class Need(NamedTuple):
+    """A GPTConfig setting an export target needs: settings that change the function the weights compute. The
+    others (dropouts, label smoothing, z_loss, init, attention sdpa|manual, compile, ...) matter in training only."""
+
+    key: str  # the GPTConfig field
+    holds: Callable[[GPTConfig], bool]
+    why: str  # what the target has instead, for the error
+
+
+BOTH_NEED = (  # settings neither target has; `why` says what, for "neither Hugging Face GPT-2 nor Llama has <why>"
+    Need("qk_norm", lambda c: c.qk_norm == "none", "QK-norm"),
+    Need("logit_softcap", lambda c: c.logit_softcap is None, "soft-capped logits"),
+    Need("document_mask", lambda c: not c.document_mask, "attention that stops at document boundaries"),
+    Need("document_positions", lambda c: not c.document_positions, "positions that restart at each document"),
+)
+GPT2_NEEDS = (
+    Need("norm_position", lambda c: c.norm_position == "pre",
+         "GPT-2 normalizes the input of each sublayer (pre-norm) and has a final ln_f: model.norm_position=pre"),
+    Need("norm", lambda c: c.norm == "layernorm", "GPT-2 uses LayerNorm: model.norm=layernorm"),
+    Need("bias", lambda c: c.bias, "GPT-2 has biases in every Linear and LayerNorm: model.bias=true"),
+    Need("tie_embeddings", lambda c: c.tie_embeddings,
+         "GPT-2's output head is the token embedding: model.tie_embeddings=true"),
+    Need("position", lambda c: c.position == "learned", "GPT-2 learns a position embedding: model.position=learned"),
+    Need("mlp", lambda c: c.mlp == "gelu", "GPT-2's MLP is W2 GELU(W1 x): model.mlp=gelu"),
+    Need("n_kv_head", lambda c: c.kv_heads == c.n_head,
+         "GPT-2 gives each query head its own key and value head: model.n_kv_head=null"),
+    *BOTH_NEED,
+)
+LLAMA_NEEDS = (
+    Need("norm_position", lambda c: c.norm_position == "pre", "Llama is pre-norm: model.norm_position=pre"),
+    Need("norm", lambda c: c.norm == "rmsnorm", "Llama uses RMSNorm: model.norm=rmsnorm"),
+    Need("position", lambda c: c.position == "rope", "Llama rotates q and k: model.position=rope"),
+    Need("rope_fraction", lambda c: c.rope_dims == c.head_size,
+         "Llama rotates all of each head's dims: model.rope_fraction=1"),
+    Need("mlp", lambda c: c.mlp in GATED_ACTIVATIONS, "Llama's MLP is gated: model.mlp=swiglu or geglu"),
+    *BOTH_NEED,
+)
+LLAMA_NAMES = {"transformer.wte": "model.embed_tokens", "transformer.ln_f": "model.norm", "lm_head": "lm_head"}
+LLAMA_LAYER_NAMES = {  # a block's modules: gptlab -> HF Llama (attn.c_attn is split, see llama_state_dict)
+    "ln_1": "input_layernorm",
+    "attn.c_proj": "self_attn.o_proj",
+    "ln_2": "post_attention_layernorm",
+    "mlp.c_gate": "mlp.gate_proj",
+    "mlp.c_fc": "mlp.up_proj",
+    "mlp.c_proj": "mlp.down_proj",
+}
+# What neither target has when a value of these rules out both (BOTH_NEED's settings say it themselves).
+NEITHER_HAS = dict(
+    norm_position="post-norm blocks",
+    position="a model without positions",
+    mlp="this MLP (GPT-2's is GELU, Llama's gated)",
 )
 
 
@@ -127,22 +180,64 @@ def check_gpt2_config(hf_config, source: str) -> None:
         raise DataError(f"{source} cannot be imported into gptlab's GPT: {'; '.join(problems)}")
 
 
-def export_hf(model: GPT, folder: Path, vocab_size: int = GPT2_VOCAB_SIZE) -> Path:
-    """Write `model` as a Hugging Face GPT-2 folder (config.json + model.safetensors) into `folder`.
+def export_target(config: GPTConfig) -> str:
+    """The transformers class that computes the same function as a GPT of this config: "GPT2LMHeadModel" or
+    "LlamaForCausalLM". Otherwise a one-line DataError naming the setting in the way."""
+    gpt2_unmet = [need for need in GPT2_NEEDS if not need.holds(config)]
+    llama_unmet = [need for need in LLAMA_NEEDS if not need.holds(config)]
+    if not gpt2_unmet:
+        return "GPT2LMHeadModel"
+    if not llama_unmet:
+        return "LlamaForCausalLM"
+    llama_keys = {need.key for need in llama_unmet}
+    for need in gpt2_unmet:  # in GPTConfig's field order
+        if need.key in llama_keys:
+            raise DataError(
+                f"cannot export model.{need.key}={getattr(config, need.key)}: neither Hugging Face GPT-2 nor Llama "
+                f"has {NEITHER_HAS.get(need.key, need.why)}"
+            )
+    gpt2, llama = gpt2_unmet[0], llama_unmet[0]  # each setting has an equivalent in one target, not all in one
+    raise DataError(
+        f"cannot export the model: model.{gpt2.key}={getattr(config, gpt2.key)} rules out Hugging Face GPT-2 "
+        f"({gpt2.why}), and model.{llama.key}={getattr(config, llama.key)} rules out Llama ({llama.why})"
+    )
 
-    The rows of a padded vocabulary beyond vocab_size are dropped. Returns the folder."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+
+def export_hf(model: GPT, folder: Path, vocab_size: int = GPT2_VOCAB_SIZE) -> Path:
+    """Write `model` as a Hugging Face folder (config.json + model.safetensors) into `folder`: a GPT-2 or a Llama,
+    as export_target picks. The rows of a padded vocabulary beyond vocab_size are dropped. Returns the folder."""
+    import transformers
 
     config = model.config
-    check_exportable(config)
+    target = export_target(config)
     if config.vocab_size < vocab_size:
         raise DataError(f"the model's vocabulary ({config.vocab_size}) is smaller than vocab_size {vocab_size}")
-    hf_config = GPT2Config(
+    if target == "GPT2LMHeadModel":
+        hf_model = transformers.GPT2LMHeadModel(gpt2_config(config, vocab_size))
+        state = gpt2_state_dict(model, vocab_size)
+    else:
+        hf_model = transformers.LlamaForCausalLM(llama_config(config, vocab_size))
+        state = llama_state_dict(model, vocab_size)
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(HF_BUFFERS)]
+    if missing or unexpected:  # a GPT this module does not know how to map
+        raise DataError(f"cannot export the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    folder = Path(folder)
+    hf_model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def gpt2_config(config: GPTConfig, vocab_size: int):
+    """HF GPT-2's config for a GPT of GPT-2's architecture (export_target's "GPT2LMHeadModel")."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
         vocab_size=vocab_size,
         n_positions=config.block_size,
         n_embd=config.n_embd,
         n_layer=config.n_layer,
         n_head=config.n_head,
+        n_inner=None if config.hidden_size == 4 * config.n_embd else config.hidden_size,  # None: GPT-2's 4d
         activation_function="gelu_new",
         resid_pdrop=config.resid_dropout,
         embd_pdrop=config.embd_dropout,
@@ -152,28 +247,34 @@ def export_hf(model: GPT, folder: Path, vocab_size: int = GPT2_VOCAB_SIZE) -> Pa
         bos_token_id=GPT2_VOCAB_SIZE - 1,  # <|endoftext|>
         eos_token_id=GPT2_VOCAB_SIZE - 1,
     )
-    hf_model = GPT2LMHeadModel(hf_config)
-    missing, unexpected = hf_model.load_state_dict(hf_state_dict(model, vocab_size), strict=False)
-    missing = [k for k in missing if not k.endswith(HF_BUFFERS)]
-    if missing or unexpected:  # a GPT this module does not know how to map
-        raise DataError(f"cannot export the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    folder = Path(folder)
-    hf_model.save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
-def check_exportable(config: GPTConfig) -> None:
-    """Refuse an architecture GPT-2 cannot express, naming the model setting."""
-    for key, gpt2_value in GPT2_ARCHITECTURE.items():
-        value = getattr(config, key)
-        if value != gpt2_value:
-            raise DataError(
-                f"cannot export a model with model.{key}={value} as a Hugging Face GPT-2: "
-                f"{WHY_GPT2_CANNOT[key]} (model.{key}={str(gpt2_value).lower()})"
-            )
+def llama_config(config: GPTConfig, vocab_size: int):
+    """HF Llama's config for a GPT that maps to it (export_target's "LlamaForCausalLM")."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=config.n_embd,
+        intermediate_size=config.hidden_size,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_size,
+        hidden_act=GATED_ACTIVATIONS[config.mlp],
+        max_position_embeddings=config.block_size,
+        rms_norm_eps=NORM_EPS,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        attention_bias=config.bias,  # RMSNorm has no bias, so model.bias is the Linears' alone
+        mlp_bias=config.bias,
+        attention_dropout=config.attn_dropout,
+        tie_word_embeddings=config.tie_embeddings,
+        bos_token_id=GPT2_VOCAB_SIZE - 1,  # <|endoftext|>
+        eos_token_id=GPT2_VOCAB_SIZE - 1,
+    )
 
 
-def hf_state_dict(model: GPT, vocab_size: int) -> dict[str, torch.Tensor]:
+def gpt2_state_dict(model: GPT, vocab_size: int) -> dict[str, torch.Tensor]:
     """gptlab's weights under HF GPT-2's layout: Conv1D weights transposed, the vocabulary cut to vocab_size."""
     state = {}
     for name, weight in model.state_dict().items():
@@ -184,6 +285,32 @@ def hf_state_dict(model: GPT, vocab_size: int) -> dict[str, torch.Tensor]:
             weight = weight[:vocab_size]
         state[name] = weight.contiguous().clone()
     return state
+
+
+def llama_state_dict(model: GPT, vocab_size: int) -> dict[str, torch.Tensor]:
+    """gptlab's weights under HF Llama's names: c_attn's rows split into q, k and v (the order c_attn computes
+    them in), the vocabulary cut to vocab_size. A name without a Llama equivalent keeps its own, so the load fails."""
+    config = model.config
+    kv_size = config.kv_heads * config.head_size
+    state = {}
+    for name, weight in model.state_dict().items():
+        weight = weight.detach().float()
+        module, param = name.rsplit(".", 1)
+        if module in ("transformer.wte", "lm_head"):
+            weight = weight[:vocab_size]
+        if module in LLAMA_NAMES:
+            state[f"{LLAMA_NAMES[module]}.{param}"] = weight
+        elif module.startswith("transformer.h."):
+            _, _, layer, block_module = module.split(".", 3)  # transformer.h.<layer>.<module in the block>
+            prefix = f"model.layers.{layer}"
+            if block_module == "attn.c_attn":
+                q, k, v = weight.split([config.n_embd, kv_size, kv_size])
+                state.update({f"{prefix}.self_attn.{p}_proj.{param}": w for p, w in zip("qkv", (q, k, v))})
+            else:
+                state[f"{prefix}.{LLAMA_LAYER_NAMES.get(block_module, block_module)}.{param}"] = weight
+        else:
+            state[name] = weight
+    return {name: weight.contiguous().clone() for name, weight in state.items()}
 
 
 def _first_line(e: Exception) -> str:

@@ -8,13 +8,14 @@ and a resumed run rebuild the GPT through these rules alone, whatever the traini
 """
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 from gptlab.errors import ConfigError, DataError
-from gptlab.schema import at_least, in_range, knob, load, one_of, positive, require
+from gptlab.schema import at_least, in_range, knob, load, non_negative, one_of, optional, positive, require
 
 GPT_CONFIG_KEY = "gpt_config"  # in a checkpoint: the model's config on its own (gpt_config_record)
 GPT2_VOCAB = 50257  # ids the GPT-2 tokenizer can produce; the model's vocab_size must cover them
-VERSION = 1  # of the record a checkpoint keeps: bump it, and migrate in gpt_config_from_record, if a field changes
+VERSION = 2  # of the record a checkpoint keeps: bump it, and migrate in gpt_config_from_record, if a field changes
 LEGACY_VERSION = 0  # checkpoints written before the record existed: the same fields, in hyper_parameters.config.model
 
 probability = in_range(0, 1, "[)")  # of a dropout, or label smoothing
@@ -35,10 +36,28 @@ class GPTConfig:
     tie_embeddings: bool = True  # the output head shares the token embedding's weight (Press & Wolf, 2017)
     # sdpa: F.scaled_dot_product_attention (fused kernels) | manual: softmax(QK^T/sqrt(d) + mask) V written out
     attention: str = knob("sdpa", one_of("sdpa", "manual"))
+    # learned: GPT-2's position embedding | rope: rotary embedding of q and k (Su et al., 2021) | none: NoPE
+    position: str = knob("learned", one_of("learned", "rope", "none"))
+    rope_theta: float = knob(10000.0, positive)  # RoPE's base: frequencies theta^(-2i/d)
+    rope_fraction: float = knob(1.0, in_range(0, 1, "(]"))  # share of each head's dims rotated (GPT-NeoX: 0.25)
+    # gelu: GPT-2's 4d GELU(tanh) MLP | relu2: ReLU(x)^2 (So et al., 2021) | swiglu: W2(SiLU(W1 x) * W3 x)
+    # (Shazeer, 2020; Llama) | geglu: the same with GELU
+    mlp: str = knob("gelu", one_of("gelu", "relu2", "swiglu", "geglu"))
+    mlp_hidden: Optional[int] = knob(None, optional(at_least(1)))  # null: 4d; gated: 8/3 d up to multiple_of
+    multiple_of: int = knob(256, at_least(1))  # a gated MLP's default hidden width rounds up to this (Llama)
+    # key/value heads: null = n_head (multi-head) | 1: multi-query | between: grouped-query (Ainslie et al., 2023)
+    n_kv_head: Optional[int] = knob(None, optional(at_least(1)))
+    qk_norm: str = knob("none", one_of("none", "rmsnorm", "layernorm"))  # of q and k, per head (Dehghani et al., 2023)
+    logit_softcap: Optional[float] = knob(None, optional(positive))  # logits = cap * tanh(z / cap) (Gemma 2)
+    z_loss: float = knob(0.0, non_negative)  # training loss + z_loss * logsumexp(z)^2 (PaLM: 1e-4)
+    # attention stays inside each document of a packed sequence (documents start at <|endoftext|>)
+    document_mask: bool = False
+    document_positions: bool = False  # positions restart at 0 with each document (needs document_mask)
     # initialization (see GPT._init_linear): gpt2: N(0, init_std), residual projections / sqrt(2 n_layer) |
     # normal: N(0, init_std) | xavier: xavier_normal_ | kaiming: kaiming_normal_ (fan_in, relu gain)
     init: str = knob("gpt2", one_of("gpt2", "normal", "xavier", "kaiming"))
     init_std: float = knob(0.02, positive)  # std of gpt2 / normal init, and of the embeddings under every scheme
+    zero_init_residual: bool = False  # residual projections (attn and MLP c_proj) start at zero (modded-nanogpt)
     # regularization, in training only
     embd_dropout: float = knob(0.0, probability)  # on token + position embeddings (HF GPT-2: embd_pdrop)
     attn_dropout: float = knob(0.0, probability)  # on the attention weights (attn_pdrop)
@@ -48,11 +67,60 @@ class GPTConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     compile: bool = False  # torch.compile the model (training, validation, HellaSwag)
 
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def rope_dims(self) -> int:
+        """Dims of each head that RoPE rotates: rope_fraction of head_size, rounded down to an even number."""
+        return int(self.head_size * self.rope_fraction) // 2 * 2
+
+    @property
+    def hidden_size(self) -> int:
+        """The MLP's hidden width: mlp_hidden, else 4d, or for gated MLPs 2/3 of that rounded up to multiple_of
+        (the same parameters as a 4d ungated MLP, as Llama sizes it)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp not in ("swiglu", "geglu"):
+            return 4 * self.n_embd
+        return -(-int(8 * self.n_embd / 3) // self.multiple_of) * self.multiple_of
+
     def check(self) -> None:
         require(
             self.n_embd % self.n_head == 0,
             "n_embd",
             f"must be divisible by n_head (got n_embd={self.n_embd}, n_head={self.n_head})",
+        )
+        require(
+            self.n_head % self.kv_heads == 0,
+            "n_kv_head",
+            f"must divide n_head: each key/value head serves a group of query heads (got n_head={self.n_head}, "
+            f"n_kv_head={self.n_kv_head})",
+        )
+        require(
+            self.position != "rope" or self.rope_dims >= 2,
+            "rope_fraction",
+            f"rotates {self.rope_dims} of the head's {self.head_size} dims; RoPE needs at least 2 (an even pair)",
+        )
+        require(
+            self.position != "rope" or self.head_size % 2 == 0,
+            "n_embd",
+            f"RoPE rotates pairs of dims: the head size n_embd / n_head must be even (got {self.head_size})",
+        )
+        require(
+            not self.document_positions or self.document_mask,
+            "document_positions",
+            "restarts positions at each document, which only means something with model.document_mask=true",
+        )
+        require(
+            not self.document_positions or self.position != "none",
+            "document_positions",
+            "needs positions to restart: model.position is none",
         )
 
 

@@ -136,7 +136,7 @@ class GPTModule(L.LightningModule):
             self.log("step", float(step))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Beside Lightning's state (global_step, optimizer, ...) and the RNG states of gptlab.callbacks.random_state.RandomState.
+        # Beside Lightning's state (global_step, optimizer, ...) and the RNG states (callbacks/random_state.py).
         checkpoint[GPT_CONFIG_KEY] = gpt_config_record(self.cfg.model)
         checkpoint["tokens"] = self.global_step * self.plan.tokens_per_step
         checkpoint["initial_val_loss"] = self.initial_val_loss  # a resumed run skips the validation at its start
