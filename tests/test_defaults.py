@@ -92,8 +92,12 @@ def restated_defaults(conf: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def restated_in_conf() -> list[str]:
-    return restated_defaults(CONF)
+def restated_in_conf(tmp_path_factory) -> list[str]:
+    """On a copy of conf/: the check rewrites each yaml while it composes, and a run started meanwhile from the
+    repository (a sweep beside the test suite) would read the rewritten file."""
+    conf = tmp_path_factory.mktemp("defaults") / "conf"
+    shutil.copytree(CONF, conf)
+    return restated_defaults(conf)
 
 
 def test_no_default_is_stated_twice(restated_in_conf):
