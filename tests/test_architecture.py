@@ -627,6 +627,7 @@ TRAINING_CASES = {
 }
 
 
+@pytest.mark.slow  # 12 trainings: CI runs them, the fast tier leaves them out
 @pytest.mark.parametrize("case", sorted(TRAINING_CASES))
 def test_every_option_trains_and_reloads(case, tmp_path, data_dir):
     """2 optimizer steps through gptlab.train.run: completed, finite losses, and the last checkpoint loads with
@@ -646,6 +647,7 @@ def test_every_option_trains_and_reloads(case, tmp_path, data_dir):
     assert torch.isfinite(model(idx)[0]).all()
 
 
+@pytest.mark.slow  # dynamo traces the whole model: ~20 s
 def test_modern_options_compile_into_one_graph_without_recompiles():
     """Every option at once under torch.compile (dynamo's eager backend: the graph capture is what can break):
     one full graph, and later steps on new batches of the same shape reuse it."""
