@@ -104,6 +104,7 @@ def test_no_default_is_stated_twice(restated_in_conf):
     assert restated_in_conf == []
 
 
+@pytest.mark.slow  # the whole check again, on a copy of conf/
 def test_the_check_finds_a_restated_default(tmp_path):
     """The check above can fail: a default restated in an option, in a preset, or in a preset's parent is found;
     a changed value is not."""

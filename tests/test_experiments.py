@@ -87,7 +87,12 @@ def test_gpt2_124m_is_build_nanogpt():
     assert cfg.optimizer.lr * cfg.scheduler.min_lr_ratio == pytest.approx(6e-5)
 
 
-@pytest.mark.parametrize("experiment", sorted(ABLATIONS))
+SLOW_ABLATIONS = {"ablate_architecture"}  # 33 jobs to compose and check: ~7 s, in the slow tier
+
+
+@pytest.mark.parametrize(
+    "experiment", [pytest.param(e, marks=pytest.mark.slow) if e in SLOW_ABLATIONS else e for e in sorted(ABLATIONS)]
+)
 def test_ablation_sweeps_its_values_over_three_seeds(experiment):
     swept = ABLATIONS[experiment]
     params = sweep_params(experiment)

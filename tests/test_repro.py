@@ -31,6 +31,7 @@ def weights(run_dir) -> dict:
     return load_gpt(run_dir / "checkpoints" / "last.ckpt").state_dict()
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_runs_and_seed_zero_is_a_seed(tmp_path, data_dir, one_thread):
     """Init, data order and dropout all follow `seed`: seed 0 twice is bitwise the same run, seed 1 another;
     pinning data.shuffle_seed apart, or switching dropout off, changes the seed-0 run."""

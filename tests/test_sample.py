@@ -73,6 +73,7 @@ def test_top_k_and_vocab_limit(model):
     assert limited[:, 6:].max() < 50
 
 
+@pytest.mark.slow
 def test_compiled_equals_eager(model):
     """One compiled graph with dynamic shapes serves the growing context (no recompilation per token)."""
     import torch._dynamo
