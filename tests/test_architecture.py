@@ -28,6 +28,7 @@ from gptlab.model import (
     rope_cos_sin,
 )
 from tests.conftest import compose_train
+from tests.test_model import assert_same_outputs_and_gradients
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)  # head_size 8
 
@@ -282,19 +283,6 @@ def test_grouped_query_attention_equals_repeated_kv(n_kv_head, attention):
     q, k, v = split_heads(attn, x, config)
     assert q.shape[1] == 4 and k.shape[1] == v.shape[1] == n_kv_head
     torch.testing.assert_close(attn(x), merge_heads(attn, softmax_attention(q, k, v)), atol=1e-5, rtol=1e-5)
-
-
-def assert_same_outputs_and_gradients(a: GPT, b: GPT, idx: torch.Tensor, targets: torch.Tensor) -> None:
-    """Two models with the same weights give the same logits and the same gradients of the loss."""
-    results = []
-    for model in (a, b):
-        logits, loss = model(idx, targets)
-        loss.backward()
-        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
-    (logits_a, grads_a), (logits_b, grads_b) = results
-    torch.testing.assert_close(logits_a, logits_b, atol=1e-5, rtol=1e-5)
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_grouped_query_sdpa_equals_manual_outputs_and_gradients():

@@ -98,15 +98,11 @@ def test_attention_equals_masked_softmax(attention):
     torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_sdpa_equals_manual_attention_outputs_and_gradients():
-    torch.manual_seed(0)
-    sdpa = GPT(tiny(attention="sdpa"))
-    manual = GPT(tiny(attention="manual"))
-    manual.load_state_dict(sdpa.state_dict())
-    x, y = batch(TINY)
+def assert_same_outputs_and_gradients(a: GPT, b: GPT, idx: torch.Tensor, targets: torch.Tensor) -> None:
+    """Two models with the same weights give the same logits and the same gradients of the loss."""
     results = []
-    for model in (sdpa, manual):
-        logits, loss = model(x, y)
+    for model in (a, b):
+        logits, loss = model(idx, targets)
         loss.backward()
         results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
     (logits_a, grads_a), (logits_b, grads_b) = results
@@ -114,6 +110,15 @@ def test_sdpa_equals_manual_attention_outputs_and_gradients():
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sdpa_equals_manual_attention_outputs_and_gradients():
+    torch.manual_seed(0)
+    sdpa = GPT(tiny(attention="sdpa"))
+    manual = GPT(tiny(attention="manual"))
+    manual.load_state_dict(sdpa.state_dict())
+    x, y = batch(TINY)
+    assert_same_outputs_and_gradients(sdpa, manual, x, y)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
