@@ -1,10 +1,12 @@
 """Export a gptlab checkpoint as a Hugging Face GPT-2 or Llama folder, whichever the model's architecture maps to:
 `python scripts/export_hf.py checkpoint=outputs/runs/<run>/checkpoints/last.ckpt out=exports/my-gpt`.
 
-The folder holds config.json + model.safetensors; `AutoModelForCausalLM.from_pretrained(out)` loads it (as
-`GPT2LMHeadModel` or `LlamaForCausalLM`), and the GPT-2 tokenizer (`AutoTokenizer.from_pretrained("gpt2")`)
-matches its ids. See conf/export_hf.yaml.
-"""
+The folder holds config.json + model.safetensors + generation_config.json and GPT-2's tokenizer (tokenizer.json +
+tokenizer_config.json, built offline: tiktoken's ids), so `AutoModelForCausalLM.from_pretrained(out)` (a
+`GPT2LMHeadModel` or `LlamaForCausalLM`) and `AutoTokenizer.from_pretrained(out)` load it with no network, e.g.
+for lm-evaluation-harness. The model's padded vocabulary is kept, so its log-probabilities equal gptlab's
+(`vocab_size=50257` drops the padded rows; they then rise by log(1 + the padded ids' probability)).
+See conf/export_hf.yaml."""
 
 import os
 from pathlib import Path

@@ -3,6 +3,7 @@
 Reads every job folder's summary.json, .hydra/overrides.yaml (and config.yaml for the seed) and metrics.jsonl,
 and writes into --out (default: the sweep folder) summary.md (per config, mean ± std over seeds, and per job),
 summary.csv (per config), jobs.csv (per job), val_loss_curves.png and val_loss_vs_<key>.png per swept key.
+--rank-by final_val_bpb (or another metric column) lists the configs best first.
 Works on a sweep still running: unfinished and failed jobs are listed with their status, left out of means.
 Prints the per-config table (--by-seed: the per-job table too).
 """
@@ -11,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from gptlab.errors import exit_on_user_error
-from gptlab.sweep_summary import load_sweep, markdown, write_summary
+from gptlab.sweep_summary import METRICS, load_sweep, markdown, ranked, write_summary
 
 
 @exit_on_user_error
@@ -22,8 +23,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     shown.add_argument("--by-seed", action="store_true", help="print the per-job table as well")
     shown.add_argument("--group-seeds", dest="by_seed", action="store_false", help="print per config (default)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep folder)")
+    parser.add_argument("--rank-by", choices=list(METRICS), default=None,
+                        help="order configs best first by this metric's mean (default: the sweep's order)")  # fmt: skip
     args = parser.parse_args(argv)
     sweep = load_sweep(args.sweep)
+    if args.rank_by is not None:
+        sweep = ranked(sweep, args.rank_by)
     written = write_summary(sweep, args.out or args.sweep)
     print(markdown(sweep, by_seed=args.by_seed))
     print("Wrote " + ", ".join(str(p) for p in written))

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,13 @@ def compose_train(overrides: list[str] = (), output_dir: Path | None = None, dat
     return cfg
 
 
+def run_script(script: str, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """python scripts/<script> <overrides>, as a user runs it (GPTLAB_ROOT pointing at this checkout)."""
+    env = dict(os.environ, GPTLAB_ROOT=str(ROOT))
+    command = [sys.executable, str(ROOT / "scripts" / script), *overrides]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """Every record of a run's metrics.jsonl, in order (a line cut short fails the test)."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -53,11 +62,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def script_schemas() -> dict[str, type]:
     """conf/<root>.yaml -> the schema of that script's config (registered where it lives: modules that load torch)."""
+    from gptlab.eval.harness import EvalHarnessConfig
     from gptlab.eval.hellaswag import EvalHellaSwagConfig
     from gptlab.generate import SampleConfig
     from gptlab.hf import ExportHFConfig
 
-    return {"sample": SampleConfig, "eval_hellaswag": EvalHellaSwagConfig, "export_hf": ExportHFConfig}
+    return {
+        "sample": SampleConfig, "eval_hellaswag": EvalHellaSwagConfig, "eval_harness": EvalHarnessConfig,
+        "export_hf": ExportHFConfig,
+    }  # fmt: skip
 
 
 @pytest.fixture

@@ -117,7 +117,8 @@ def test_checkpoint_holds_everything_a_resume_needs(tmp_path, data_dir, monkeypa
     assert ckpt["MixedPrecision"]["scale"] > 0  # the fp16 loss scaler
     assert ckpt["TokenDataModule"]["micro_batches"] == 4  # data position: 2 steps x 2 micro-batches
     assert set(ckpt["rng_states"]) == {"python", "numpy", "torch", "cuda"}
-    assert ckpt["initial_val_loss"] == summary["val_loss_initial"]
+    initial = ckpt["initial_val_metrics"]
+    assert (initial["val/loss"], initial["val/bpb"]) == (summary["val_loss_initial"], summary["val_bpb_initial"])
     assert ckpt["gpt_config"] == {"version": VERSION, **ckpt["hyper_parameters"]["config"]["model"]}  # the model's own
     assert ckpt["gpt_config"]["n_layer"] == 2 and ckpt["hyper_parameters"]["config"]["optimizer"]["name"] == "adamw"
     assert load_gpt(run_dir / "checkpoints" / "step_000001.ckpt").state_dict().keys()
@@ -252,8 +253,9 @@ def test_crash_mid_save_then_resume_from_the_run_folder(tmp_path, data_dir, monk
     expected = json.loads((straight / "summary.json").read_text())
     assert summary["step"] == 4
     assert (summary["train_loss"], summary["val_loss"]) == (expected["train_loss"], expected["val_loss"])
-    assert summary["val_loss_initial"] == expected["val_loss_initial"]  # carried by the checkpoint
-    for key in ("train/loss", "val/loss", "lr", "grad_norm"):
+    for key in ("val_loss_initial", "val_bpb", "val_bpb_initial"):  # the initial ones carried by the checkpoint
+        assert summary[key] == expected[key] is not None, key
+    for key in ("train/loss", "val/loss", "val/bpb", "lr", "grad_norm"):
         assert logged(crashed, key) == logged(straight, key), key
     assert same_weights(straight / "checkpoints" / "last.ckpt", checkpoints / "last.ckpt")
 

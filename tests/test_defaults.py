@@ -14,7 +14,8 @@ from gptlab.config import TrainConfig
 from gptlab.schema import schema_of
 from tests.conftest import CONF, script_schemas
 
-ROOTS = ("train", "prepare", "sample", "eval_hellaswag", "export_hf")  # conf/<root>.yaml: the scripts' configs
+# conf/<root>.yaml: the scripts' configs
+ROOTS = ("train", "prepare", "sample", "eval_hellaswag", "eval_harness", "export_hf")
 PRESETS = ("experiment", "debug", "hparams_search")  # `# @package _global_`
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", *PRESETS))
 MODIFIERS = {"arch": "model"}  # groups whose options change another group's node (`# @package model`)

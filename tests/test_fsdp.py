@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from gptlab.callbacks.checkpoints import checkpoint_step
 from gptlab.config import ConfigError, check_paths, load_config, resolve_ckpt_path
 from gptlab.errors import DataError
-from gptlab.eval.hellaswag import Example, evaluate, load_examples, predict
+from gptlab.eval.hellaswag import evaluate, load_examples
 from gptlab.pretrained import load_gpt, load_model
 from gptlab.train import run
 from tests.conftest import ROOT, compose_train, read_metrics
@@ -249,15 +249,6 @@ def test_load_gpt_names_a_broken_sharded_checkpoint(fsdp_run, tmp_path):
 
 
 # --- HellaSwag: as many forward passes on every rank --------------------------------------------------------
-
-
-def test_predict_runs_at_least_min_batches_forward_passes():
-    model, examples = tiny_gpt(), [Example(r["ctx"], tuple(r["endings"]), r["label"]) for r in make_records(3)]
-    calls = count_forward_passes(model)
-    plain = predict(model, examples, batch_size=2)
-    assert len(calls) == 2
-    padded = predict(model, examples, batch_size=2, min_batches=5)
-    assert len(calls) == 2 + 5 and torch.equal(padded, plain)  # the padding batches change nothing
 
 
 def count_forward_passes(model: torch.nn.Module) -> list:

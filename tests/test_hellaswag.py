@@ -2,10 +2,7 @@
 
 import io
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from gptlab.errors import DataError
 from gptlab.eval import hellaswag
 from gptlab.eval.hellaswag import Example, evaluate, hellaswag_file, load_examples, predict
 from gptlab.model import GPT, GPTConfig
-from tests.conftest import ROOT, compose_train
+from tests.conftest import compose_train, run_script
 
 WORDS = "the a man woman dog ball kitchen runs jumps slowly quickly into out of table chair paints is then".split()
 
@@ -63,8 +60,9 @@ def reference(examples) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_predictions(model: GPT, examples: list[Example], block_size: int = 10**9) -> torch.Tensor:
-    """build-nanogpt's loop: one example (4 rows padded to the longest) per forward pass; rows cut from the
-    left to block_size."""
+    """build-nanogpt's loop: one example (4 rows padded to the longest) per forward pass, logits everywhere;
+    rows cut from the left to block_size + 1 tokens (lm-eval's truncation: the last token is only a target).
+    Columns: by summed loss, per ending token, per UTF-8 byte of the ending."""
     enc = gpt2_tokenizer()
     predictions = []
     for example in examples:
@@ -72,22 +70,21 @@ def reference_predictions(model: GPT, examples: list[Example], block_size: int =
         rows, masks = [], []
         for ending in example.endings:
             end = enc.encode_ordinary(" " + ending)
-            rows.append((ctx + end)[-block_size:])
-            masks.append(([0] * len(ctx) + [1] * len(end))[-block_size:])
+            rows.append((ctx + end)[-(block_size + 1) :])
+            masks.append(([0] * len(ctx) + [1] * len(end))[-(block_size + 1) :])
         tokens = torch.zeros(4, max(map(len, rows)), dtype=torch.long)
         mask = torch.zeros_like(tokens)
         for i, (row, m) in enumerate(zip(rows, masks)):
             tokens[i, : len(row)], mask[i, : len(m)] = torch.tensor(row), torch.tensor(m)
-        logits, _ = model(tokens)
-        losses = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), reduction="none"
-        ).view(4, -1)
+        logits, _ = model(tokens[:, :-1])
+        losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(4, -1)
         summed = (losses * mask[:, 1:]).sum(1)
-        predictions.append([summed.argmin().item(), (summed / mask[:, 1:].sum(1)).argmin().item()])
+        n_bytes = torch.tensor([len(ending.encode("utf-8")) for ending in example.endings])
+        predictions.append([summed.argmin(), (summed / mask[:, 1:].sum(1)).argmin(), (summed / n_bytes).argmin()])
     return torch.tensor(predictions)
 
 
-def accuracies(predictions: torch.Tensor, examples: list[Example]) -> tuple[float, float]:
+def accuracies(predictions: torch.Tensor, examples: list[Example]) -> tuple[float, ...]:
     labels = torch.tensor([e.label for e in examples])
     return tuple(count / len(examples) for count in (predictions == labels[:, None]).sum(0).tolist())
 
@@ -100,6 +97,21 @@ def test_load_examples_reads_the_schema(tmp_path):
     examples = load_examples(write_jsonl(tmp_path / "val.jsonl", records))
     assert [e.label for e in examples] == [r["label"] for r in records]
     assert examples[2].ctx == records[2]["ctx"] and examples[2].endings == tuple(records[2]["endings"])
+
+
+def test_lm_eval_prompt_is_lm_evals_hellaswag_task(tmp_path):
+    import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs  # the reference: lm-eval's own preprocessing
+
+    records = make_records(6)
+    records[1].update(ctx_a="How to paint a chair [title] Sand it.", ctx_b="then paint it [step] twice")
+    records[2].update(ctx_b="A man  runs.", endings=[" [header] A [substeps] b", "c [title] d", "e  f", "[x]"])
+    records[3]["activity_label"] = "Ételé ümlaut"
+    examples = load_examples(write_jsonl(tmp_path / "val.jsonl", records), prompt="lm_eval")
+    docs = process_docs(datasets.Dataset.from_list(records))
+    assert [(e.ctx, list(e.endings), e.label) for e in examples] == [(d["query"], d["choices"], d["gold"]) for d in docs]
+    with pytest.raises(DataError, match="missing field.*activity_label.*prompt=lm_eval"):
+        load_examples(write_jsonl(tmp_path / "bare.jsonl", [{"ctx": "a", "endings": list("abcd"), "label": 0}]), "lm_eval")
 
 
 @pytest.mark.parametrize(
@@ -168,9 +180,10 @@ def test_batched_matches_the_per_example_loop(examples, reference, batch_size):
     model, expected = tiny_gpt(), reference
     assert torch.equal(predict(model, examples, batch_size=batch_size), expected)
     result = evaluate(model, examples, batch_size=batch_size)
-    acc, acc_norm = accuracies(expected, examples)
-    assert result["n"] == len(examples) and result["acc"] == acc and result["acc_norm"] == acc_norm
-    assert result["correct"] == round(acc * len(examples)) and result["correct_norm"] == round(acc_norm * len(examples))
+    n = len(examples)
+    assert result["n"] == n
+    for metric, accuracy in zip(("acc", "acc_norm", "acc_bytes"), accuracies(expected, examples)):
+        assert result[metric] == accuracy and result[metric.replace("acc", "correct")] == round(accuracy * n)
 
 
 def test_limit_scores_the_first_examples(examples, reference):
@@ -194,8 +207,10 @@ def test_one_compile_per_length_bucket(examples):
     torch._dynamo.reset()
     model = tiny_gpt()
     model.compile(backend=counting_backend, dynamic=False)
-    predict(model, examples, batch_size=4)  # 4 batches, lengths 32 and 64
-    assert len(shapes) == 2
+    predict(model, examples, batch_size=4)  # 4 batches; rows of 32, 64 or 96 tokens, 16 or 32 scored positions
+    compiled = len(shapes)
+    predict(model, examples[::-1], batch_size=4)  # the same batches again: no new compile
+    assert len(shapes) == compiled == 3
 
 
 @pytest.mark.slow
@@ -226,14 +241,6 @@ def test_ddp_ranks_return_the_single_process_numbers(tmp_path, examples):
 # --- the script ------------------------------------------------------------------------------------------
 
 
-def run_script(*overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, GPTLAB_ROOT=str(ROOT))
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "eval_hellaswag.py"), *overrides],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
-
-
 @pytest.mark.slow
 def test_script_prints_json_and_fails_cleanly_without_data(tmp_path):
     config = OmegaConf.to_container(compose_train(["model.n_layer=2"]), resolve=True)
@@ -245,16 +252,37 @@ def test_script_prints_json_and_fails_cleanly_without_data(tmp_path):
     data = write_jsonl(tmp_path / "val.jsonl", make_records())
     outputs = f"paths.output_root={tmp_path / 'outputs'}"
 
-    done = run_script(f"checkpoint={ckpt}", f"eval.hellaswag.path={data}", "limit=10", "batch_size=4", "dtype=fp32", outputs)
+    done = run_script("eval_hellaswag.py", f"checkpoint={ckpt}", f"eval.hellaswag.path={data}", "limit=10", "batch_size=4", "dtype=fp32", outputs)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     model.eval()
     examples = load_examples(data)[:10]
-    acc, acc_norm = accuracies(reference_predictions(model, examples), examples)
-    assert result == {"acc": acc, "acc_norm": acc_norm, "n": 10}
+    acc, acc_norm, acc_bytes = accuracies(reference_predictions(model, examples), examples)
+    assert result == {"acc": acc, "acc_norm": acc_norm, "acc_bytes": acc_bytes, "n": 10}
 
     cache = tmp_path / "cache"
     no_data = (f"eval.hellaswag.cache_dir={cache}", "eval.hellaswag.download=false")
-    failed = run_script(f"checkpoint={ckpt}", *no_data, outputs)
+    failed = run_script("eval_hellaswag.py", f"checkpoint={ckpt}", *no_data, outputs)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert "eval.hellaswag.path=" in failed.stderr and str(cache) in failed.stderr
+
+
+# --- how many examples a training run scores -------------------------------------------------------------
+
+
+def test_all_examples_on_a_gpu_and_cpu_limit_on_a_cpu_as_the_header_says():
+    from gptlab.callbacks.hellaswag import coverage, scored_examples
+    from gptlab.eval.config import HellaSwagConfig
+
+    default = HellaSwagConfig()
+    assert (scored_examples(default, "cuda"), scored_examples(default, "cpu")) == (None, 200)
+    assert coverage(default, "eval.hellaswag", "cuda") == "all examples, after the last step"
+    assert coverage(default, "eval.hellaswag", "cpu") == (
+        "the first 200 examples (eval.hellaswag.cpu_limit, on CPU), after the last step"
+    )
+    limited = HellaSwagConfig(limit=50, every_n_steps=10)
+    assert scored_examples(limited, "cuda") == scored_examples(limited, "cpu") == 50
+    assert coverage(limited, "eval.hellaswag", "cpu") == (
+        "the first 50 examples (eval.hellaswag.limit), every 10 steps and after the last"
+    )
+    assert scored_examples(HellaSwagConfig(cpu_limit=None), "cpu") is None

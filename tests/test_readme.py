@@ -14,7 +14,7 @@ from gptlab.config import load_config, load_data_config
 from gptlab.schema import load
 from tests.conftest import ROOT, compose_root, compose_train, script_schemas
 
-SCRIPTS = {"train.py", "prepare_data.py", "sample.py", "eval_hellaswag.py", "export_hf.py"}
+SCRIPTS = {"train.py", "prepare_data.py", "sample.py", "eval_hellaswag.py", "eval_harness.py", "export_hf.py"}
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:

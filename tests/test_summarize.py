@@ -40,7 +40,7 @@ def write_job(sweep: Path, num: int, lr: str, scheduler: str, seed: int, summary
 
 
 def completed(final, acc_norm, tps, seed) -> dict:
-    return {"status": "completed", "step": 20, "val_loss": final, "hellaswag_acc_norm": acc_norm,
+    return {"status": "completed", "step": 20, "val_loss": final, "val_bpb": final / 3, "hellaswag_acc_norm": acc_norm,
             "tokens_per_s": tps, "seed": seed, "error": None}  # fmt: skip
 
 
@@ -106,13 +106,13 @@ def test_the_script_prints_and_writes_the_tables_and_plots(sweep, tmp_path, caps
     for text in (printed, md):
         assert "9 jobs: 6 completed, 3 not completed (left out of means)." in text
         assert "Common overrides: debug=smoke paths.data_dir=/data" in text
-        assert ("| optimizer.lr=1e-3, scheduler=cosine | 3 | 3.2000 ± 0.2000 | 3.1667 ± 0.2082 | 0.2600 ± 0.0100 "
-                "| 1100 ± 100 | 3 completed, 1 diverged, 1 running, 1 unknown |") in text  # fmt: skip
-        wsd = "| optimizer.lr=3e-3, scheduler=wsd | 3 | 2.5000 ± 0.5000 | 2.3333 ± 0.7638 | 0.3100 ± 0.0141 |"
-        assert wsd + " 950 ± 50 | 3 completed |" in text
-        assert ("| optimizer.lr=1e-3,scheduler=cosine/seed=3 | 3 | diverged | 10 | 10.0000 | 10.0000 | — | 800 "
+        assert ("| optimizer.lr=1e-3, scheduler=cosine | 3 | 3.2000 ± 0.2000 | 3.1667 ± 0.2082 | 1.0667 ± 0.0667 "
+                "| 0.2600 ± 0.0100 | 1100 ± 100 | 3 completed, 1 diverged, 1 running, 1 unknown |") in text  # fmt: skip
+        wsd = "| optimizer.lr=3e-3, scheduler=wsd | 3 | 2.5000 ± 0.5000 | 2.3333 ± 0.7638 | 0.8333 ± 0.1667 |"
+        assert wsd + " 0.3100 ± 0.0141 | 950 ± 50 | 3 completed |" in text
+        assert ("| optimizer.lr=1e-3,scheduler=cosine/seed=3 | 3 | diverged | 10 | 10.0000 | 10.0000 | — | — | 800 "
                 "| Training diverged: loss is nan at step 10 |") in text  # fmt: skip
-        running = "| optimizer.lr=1e-3,scheduler=cosine/seed=4 | 4 | running | 10 | 1.0000 | 1.0000 | — | 555 |  |"
+        running = "| optimizer.lr=1e-3,scheduler=cosine/seed=4 | 4 | running | 10 | 1.0000 | 1.0000 | — | — | 555 |  |"
         assert running in text
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["scheduler"] for r in rows] == ["cosine", "wsd"] and [r["n_seeds"] for r in rows] == ["3", "3"]
@@ -131,6 +131,15 @@ def test_the_script_prints_only_the_config_table_by_default_and_writes_into_the_
     assert (sweep / "summary.md").is_file() and (sweep / "val_loss_curves.png").is_file()
     load_script("summarize_sweep").main([str(sweep)])  # its own outputs are not mistaken for jobs
     assert "9 jobs:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "metric, best_first", [("final_val_bpb", "wsd"), ("hellaswag_acc_norm", "wsd"), ("tokens_per_s", "cosine")]
+)
+def test_rank_by_lists_the_best_config_first(sweep, capsys, metric, best_first):
+    load_script("summarize_sweep").main([str(sweep), "--rank-by", metric])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| optimizer.lr=")]
+    assert f"scheduler={best_first} " in table[0] and len(table) == 2
 
 
 def test_a_missing_or_empty_folder_is_one_line_and_status_2(tmp_path, capsys):

@@ -2,13 +2,18 @@
 produces a complete run folder."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
+from gptlab.data.loader import TokenWindows
+from gptlab.data.tokenizer import EOT
 from gptlab.model import GPT, GPTConfig
 from gptlab.optim import AdamWConfig
 from gptlab.pretrained import load_gpt
@@ -43,6 +48,25 @@ def test_logged_metrics_follow_optimizer_steps(tmp_path, data_dir):
     assert all(m["grad_norm"] > 0 and m["lr"] > 0 for m in train)
     assert [m["step"] for m in metrics if "val/loss" in m] == [0, 2, 4]
     assert summary["train_loss"] == train[-1]["train/loss"] and summary["tokens"] == 2048
+
+
+def test_val_bpb_equals_bits_over_the_decoded_bytes_of_the_targets(tmp_path, data_dir, tiktoken_gpt2):
+    """val/bpb: the validation targets' cross-entropy in bits over their UTF-8 bytes, <|endoftext|> (no text)
+    left out of both; recomputed here from the final weights and tiktoken's own decoding of the targets."""
+    run_dir = tmp_path / "run"
+    summary = run(compose_train(["debug=smoke", "logger=none", "eval.val_tokens=512"], run_dir, data_dir))
+    model = load_gpt(run_dir / "checkpoints" / "last.ckpt").eval()
+    x, y = TokenWindows(data_dir / "sample", "val", 64).get(np.arange(512 // 64))
+    with torch.no_grad():
+        losses = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), reduction="none")
+    text = y.flatten() != EOT
+    n_bytes = len(tiktoken_gpt2.decode_bytes(y.flatten()[text].tolist()))
+    assert (y == EOT).any() and n_bytes > 2 * text.sum()  # documents end inside the windows; tokens of ~4 bytes
+    assert summary["val_loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
+    assert summary["val_bpb"] == pytest.approx(losses[text].sum().item() / math.log(2) / n_bytes, rel=1e-5)
+    logged = [m for m in read_metrics(run_dir) if "val/bpb" in m]
+    assert [m["step"] for m in logged] == [0, 2] and logged[-1]["val/bpb"] == summary["val_bpb"]
+    assert summary["val_bpb_initial"] == logged[0]["val/bpb"] > summary["val_bpb"]
 
 
 def test_gradient_accumulation_equals_one_large_batch(tmp_path, data_dir):

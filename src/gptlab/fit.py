@@ -11,7 +11,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_only
 
 from gptlab.callbacks.checkpoints import AtomicCheckpointIO, StepCheckpoints, checkpoint_step
-from gptlab.callbacks.hellaswag import HellaSwagEval
+from gptlab.callbacks.harness import HarnessEval, describe
+from gptlab.callbacks.hellaswag import HellaSwagEval, coverage
 from gptlab.callbacks.monitor import TrainingMonitor
 from gptlab.callbacks.profiler import TorchProfiler
 from gptlab.callbacks.random_state import RandomState
@@ -64,6 +65,7 @@ def build_callbacks(cfg: TrainConfig, plan: RunPlan, run_dir: Path) -> list[L.Ca
                         cfg.callbacks.checkpoint.save_top_k),  # fmt: skip
         RandomState(),  # RNG states in checkpoints; evaluation leaves the training stream alone
         HellaSwagEval(h, cfg.precision.trainer_precision) if h.enabled else None,
+        HarnessEval(cfg.eval.harness, cfg.precision.trainer_precision) if cfg.eval.harness.tasks else None,
         StoppingThreshold(cfg.trainer.stopping_threshold) if cfg.trainer.stopping_threshold is not None else None,
         TorchProfiler(profiler, run_dir / "profile") if profiler.enabled else None,
     ]
@@ -133,6 +135,15 @@ def _parallelism(cfg: TrainConfig) -> str:
     return f"{d.name}{nodes}"
 
 
+def _evaluations(cfg: TrainConfig, device_type: str) -> str:
+    """What is evaluated besides the validation loss, and on how much, e.g. `HellaSwag: the first 200 examples
+    (eval.hellaswag.cpu_limit, on CPU), after the last step`, then the lm-eval tasks (eval.harness), if any."""
+    h, harness = cfg.eval.hellaswag, describe(cfg.eval.harness, device_type)
+    if not h.enabled:
+        return "HellaSwag off (eval.hellaswag.enabled=false)" + harness
+    return f"HellaSwag: {coverage(h, 'eval.hellaswag', device_type)}, prompt {h.prompt}" + harness
+
+
 @rank_zero_only
 def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, run_dir: Path, choices) -> None:
     d = cfg.data
@@ -154,6 +165,7 @@ def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, r
         f"torch {torch.__version__}, python {platform.python_version()}",
         f"data       {d.name} ({d.dir}), {'documents shuffled each epoch' if d.shuffle else 'read in order'}; "
         f"validation {cfg.eval.val_tokens:,} tokens every {cfg.eval.every_n_steps} steps",
+        f"eval       {_evaluations(cfg, trainer.strategy.root_device.type)}",
         f"run folder {run_dir}",
     ]
     print("\n".join(["gptlab", *(f"  {r}" for r in rows)]), flush=True)

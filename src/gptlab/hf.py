@@ -10,13 +10,21 @@ setting neither has, e.g. QK-norm, is refused naming it).
   rotate q and k with rotate_half on a head's dims in their natural order, so no permutation is needed.
 - Manual attention exports to either: it is the same function as sdpa.
 - Vocabulary: HF GPT-2 has the tokenizer's 50257 rows; gptlab pads to 50304 for faster matmuls.
-  Import keeps 50257 unless asked to pad: the extra rows are zero, so the logits of real tokens are
-  unchanged and the padded ids get logit 0 (gptlab.generate never samples them). Export (to either) drops the
-  rows beyond vocab_size (padded ids are never targets, so no real token loses anything).
+  Import keeps HF's rows unless asked to pad: the extra rows are zero, so the logits of real tokens are
+  unchanged and the padded ids get logit 0 (gptlab.generate never samples them). Export (to either) keeps the
+  model's padded rows by default: their logits are part of softmax's normalizer, so dropping them (vocab_size=50257)
+  raises every log-probability by log(1 + p), p the probability the model gives the padded ids. The export's
+  generation_config.json suppresses the padded ids, so `generate` never samples one the tokenizer cannot decode.
+- Tokenizer: an export holds GPT-2's tokenizer (tokenizer.json + tokenizer_config.json), built offline from
+  gptlab's rank file by gpt2_hf_tokenizer: tiktoken's ids, except that HF encodes the text `<|endoftext|>` as the
+  special token 50256, as tiktoken's `encode(text, allowed_special="all")` does; `split_special_tokens=True` gives
+  `encode_ordinary`'s ids (what gptlab's shards hold), which spell it out as text.
 
 transformers and safetensors are an optional extra (`pip install -e .[hf]`): imported inside functions.
 """
 
+import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -24,9 +32,10 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from hydra.core.config_store import ConfigStore
 
+from gptlab.data.tokenizer import EOT, GPT2_PATTERN, RANKS_FILE, load_ranks
 from gptlab.errors import DataError
 from gptlab.model import GPT, NORM_EPS, GPTConfig
-from gptlab.schema import at_least, knob, required
+from gptlab.schema import at_least, knob, optional, required
 
 GPT2_VOCAB_SIZE = 50257  # the tokenizer's vocabulary; <|endoftext|> is the last id
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # Conv1D
@@ -97,7 +106,9 @@ class ExportHFConfig:
 
     checkpoint: Optional[str] = knob(None, required("a gptlab training checkpoint (.ckpt)"))
     out: Optional[str] = knob(None, required("the folder to write (created if missing)"))
-    vocab_size: int = knob(GPT2_VOCAB_SIZE, at_least(1))  # GPT-2's tokenizer; padded rows beyond it are dropped
+    # null: the model's vocabulary, padded rows included (log-probabilities equal gptlab's); 50257 drops the padded
+    # rows: every log-probability then rises by log(1 + the probability gptlab gives the padded ids)
+    vocab_size: Optional[int] = knob(None, optional(at_least(GPT2_VOCAB_SIZE)))
 
 
 ConfigStore.instance().store(name="export_hf_schema", node=ExportHFConfig)
@@ -203,15 +214,21 @@ def export_target(config: GPTConfig) -> str:
     )
 
 
-def export_hf(model: GPT, folder: Path, vocab_size: int = GPT2_VOCAB_SIZE) -> Path:
-    """Write `model` as a Hugging Face folder (config.json + model.safetensors) into `folder`: a GPT-2 or a Llama,
-    as export_target picks. The rows of a padded vocabulary beyond vocab_size are dropped. Returns the folder."""
+def export_hf(model: GPT, folder: Path, vocab_size: int | None = None) -> Path:
+    """Write `model` as a Hugging Face folder into `folder`: a GPT-2 or a Llama, as export_target picks
+    (config.json + model.safetensors + generation_config.json), with GPT-2's tokenizer. vocab_size None keeps the
+    model's vocabulary, padded rows included; a smaller one drops the rows beyond it. Returns the folder."""
     import transformers
 
     config = model.config
     target = export_target(config)
-    if config.vocab_size < vocab_size:
-        raise DataError(f"the model's vocabulary ({config.vocab_size}) is smaller than vocab_size {vocab_size}")
+    vocab_size = config.vocab_size if vocab_size is None else vocab_size
+    if config.vocab_size < GPT2_VOCAB_SIZE:
+        raise DataError(f"the model's vocabulary ({config.vocab_size}) is smaller than GPT-2's ({GPT2_VOCAB_SIZE})")
+    if not GPT2_VOCAB_SIZE <= vocab_size <= config.vocab_size:
+        raise DataError(
+            f"vocab_size must be {GPT2_VOCAB_SIZE} (GPT-2's) to {config.vocab_size} (the model's), not {vocab_size}"
+        )
     if target == "GPT2LMHeadModel":
         hf_model = transformers.GPT2LMHeadModel(gpt2_config(config, vocab_size))
         state = gpt2_state_dict(model, vocab_size)
@@ -222,9 +239,67 @@ def export_hf(model: GPT, folder: Path, vocab_size: int = GPT2_VOCAB_SIZE) -> Pa
     missing = [k for k in missing if not k.endswith(HF_BUFFERS)]
     if missing or unexpected:  # a GPT this module does not know how to map
         raise DataError(f"cannot export the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    hf_model.generation_config = generation_config(vocab_size)
+    tokenizer = gpt2_hf_tokenizer(config.block_size)  # before writing anything: a damaged rank file leaves no folder
     folder = Path(folder)
     hf_model.save_pretrained(folder, safe_serialization=True)
+    save_tokenizer(tokenizer, folder)
     return folder
+
+
+def generation_config(vocab_size: int):
+    """`generate`'s defaults for an export: <|endoftext|> begins and ends a text, and the padded ids, which the
+    tokenizer cannot decode, are never sampled."""
+    from transformers import GenerationConfig
+
+    padded = list(range(GPT2_VOCAB_SIZE, vocab_size))
+    return GenerationConfig(bos_token_id=EOT, eos_token_id=EOT, suppress_tokens=padded or None)
+
+
+def gpt2_hf_tokenizer(block_size: int):
+    """GPT-2's tokenizer as a transformers `PreTrainedTokenizerFast`, built offline from gptlab's rank file, with
+    tiktoken's ids (its byte-level BPE and regex, converted by transformers' TikTokenConverter). `<|endoftext|>`
+    (50256) is its special token: bos, eos and unk. block_size is its model_max_length."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(converted_gpt2_tokenizer()),
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=block_size,
+        clean_up_tokenization_spaces=False,  # decode(ids) gives the text back as it was, " ." included
+    )
+
+
+@functools.cache
+def converted_gpt2_tokenizer() -> str:
+    """The `tokenizers` JSON of GPT-2's BPE, converted from the rank file once per process (about a second)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class RanksConverter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(path: str) -> dict[bytes, int]:  # sha-verified (tiktoken's loader caches unverified)
+            return load_ranks(Path(path))
+
+    converter = RanksConverter(
+        vocab_file=str(RANKS_FILE),
+        pattern=GPT2_PATTERN,
+        add_prefix_space=False,  # tiktoken puts no space before a text's first word
+        extra_special_tokens=["<|endoftext|>"],  # appended after the 50256 ranks: id 50256
+    )
+    return converter.converted().to_str()
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """tokenizer.save_pretrained, naming the class that every transformers version loads a tokenizer.json with:
+    transformers 5 writes its own `TokenizersBackend`, which transformers 4 does not have."""
+    tokenizer.save_pretrained(folder)
+    config_file = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def gpt2_config(config: GPTConfig, vocab_size: int):
@@ -244,8 +319,8 @@ def gpt2_config(config: GPTConfig, vocab_size: int):
         attn_pdrop=config.attn_dropout,
         layer_norm_epsilon=LAYER_NORM_EPS,
         tie_word_embeddings=True,
-        bos_token_id=GPT2_VOCAB_SIZE - 1,  # <|endoftext|>
-        eos_token_id=GPT2_VOCAB_SIZE - 1,
+        bos_token_id=EOT,  # <|endoftext|>
+        eos_token_id=EOT,
     )
 
 
@@ -269,8 +344,8 @@ def llama_config(config: GPTConfig, vocab_size: int):
         mlp_bias=config.bias,
         attention_dropout=config.attn_dropout,
         tie_word_embeddings=config.tie_embeddings,
-        bos_token_id=GPT2_VOCAB_SIZE - 1,  # <|endoftext|>
-        eos_token_id=GPT2_VOCAB_SIZE - 1,
+        bos_token_id=EOT,  # <|endoftext|>
+        eos_token_id=EOT,
     )
 
 

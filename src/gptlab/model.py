@@ -102,8 +102,11 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = make_norm(config.qk_norm, config.head_size, config.bias)
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
-        """rope: (cos, sin) of the positions, or None; doc: (B, T) document ids with model.document_mask."""
+    def forward(
+        self, x: torch.Tensor, rope: tuple | None = None, doc: torch.Tensor | None = None, attn_mask=None
+    ) -> torch.Tensor:
+        """rope: (cos, sin) of the positions, or None; doc: (B, T) document ids with model.document_mask;
+        attn_mask: (B, 1, T, T), True where a query may look (see GPT.forward), or None: causal."""
         B, T, C = x.shape
         kv_size = self.n_kv_head * self.head_size
         q, k, v = self.c_attn(x).split([C, kv_size, kv_size], dim=2)
@@ -114,11 +117,13 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dropout_p = self.attn_dropout if self.training else 0.0
-        mask = None if doc is None else document_mask(doc)
+        mask = attn_mask
+        if doc is not None:
+            mask = document_mask(doc) if mask is None else mask & document_mask(doc)
         gqa = self.n_kv_head != self.n_head
         if self.manual:
             y = manual_attention(q, k, v, dropout_p, mask)
-        elif doc is not None and x.is_cuda and dropout_p == 0.0:
+        elif doc is not None and attn_mask is None and x.is_cuda and dropout_p == 0.0:
             y = flex_document_attention(q, k, v, doc)
         else:
             y = F.scaled_dot_product_attention(
@@ -166,11 +171,11 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config.norm, config.n_embd, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, doc=None, attn_mask=None) -> torch.Tensor:
         if self.post_norm:  # Vaswani et al. (2017): normalize after each residual addition
-            x = self.ln_1(x + self.attn(x, rope, doc))
+            x = self.ln_1(x + self.attn(x, rope, doc, attn_mask))
             return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), rope, doc)
+        x = x + self.attn(self.ln_1(x), rope, doc, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -237,19 +242,29 @@ class GPT(nn.Module):
         return n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx, targets: (B, T) token ids. Returns logits (B, T, vocab) and the mean cross-entropy (label-smoothed,
         and with z_loss added, in training mode where the config asks for them).
 
-        positions: (B, K) indices into T; if given, logits are computed there only, (B, K, vocab): the
-        vocab-wide head dominates small models, and scoring (e.g. HellaSwag) needs a few positions."""
+        For scoring packed rows (gptlab.eval.scoring), where several continuations share one context:
+        logits_at: (B, K) indices into T; logits are computed there only, (B, K, vocab): the vocab-wide head
+        dominates small models, and scoring needs a few positions.
+        position_ids: (B, T) each token's position (default 0..T-1, or per document with document_positions);
+        attn_mask: (B, 1, T, T) bool, True where a query may look; default causal (and per document with
+        document_mask, which also applies on top of a given mask)."""
         cfg = self.config
         B, T = idx.shape
-        if T > cfg.block_size:
+        if T > cfg.block_size and position_ids is None:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         doc = document_ids(idx) if cfg.document_mask else None
-        pos = self._token_positions(T, idx.device, doc)
+        pos = self._token_positions(T, idx.device, doc) if position_ids is None else position_ids
         x = self.transformer.wte(idx)
         if cfg.position == "learned":
             x = x + self.transformer.wpe(pos)
@@ -260,10 +275,11 @@ class GPT(nn.Module):
         recompute = cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
             # Checkpointing keeps only the block's input and reruns its forward during backward.
-            x = checkpoint(block, x, rope, doc, use_reentrant=False) if recompute else block(x, rope, doc)
+            args = (x, rope, doc, attn_mask)
+            x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         x = self.transformer.ln_f(x)
-        if positions is not None:
-            x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+        if logits_at is not None:
+            x = x.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, x.size(-1)))
         logits = self.lm_head(x)
         if cfg.logit_softcap is not None:  # the model's output: validation and scoring see these logits too
             logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)

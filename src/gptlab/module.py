@@ -18,8 +18,10 @@ from dataclasses import asdict
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.nn import functional as F
 
 from gptlab.config import RunPlan, TrainConfig
+from gptlab.data.tokenizer import token_byte_lengths
 from gptlab.distributed import full_tensor, shard_gpt
 from gptlab.errors import ConfigError, UserInputError
 from gptlab.internals import loss_scale, unscales_in_step
@@ -32,7 +34,7 @@ NOT_FOR_GPTLAB = (
     r".*isinstance\(treespec, LeafSpec\)",
     # Under DDP, Lightning suggests sync_dist for epoch-level logs: val/loss is reduced over ranks already, and
     # "step" is the same on every rank.
-    r".*It is recommended to use `self.log\('(val/loss|step)'",
+    r".*It is recommended to use `self.log\('(val/loss|val/bpb|step)'",
     # Resuming mid-epoch, Lightning warns that the loader is not resumable: TokenDataModule restores its position.
     r".*your dataloader is not resumable",
     # Checkpoints of gptlab before StepCheckpoints hold the state of its RunCheckpoint, which nothing needs now.
@@ -58,14 +60,15 @@ class GPTModule(L.LightningModule):
         self.save_hyperparameters({"config": asdict(cfg)}, logger=False)  # train.py logs it, with the overrides
         self.model = GPT(cfg.model)
         self._train_loss_sum = torch.zeros(())  # over the micro-steps of the current optimizer step
-        self._val_sums = torch.zeros(2)  # summed token loss, token count
+        self._val_sums = torch.zeros(4)  # see validation_step
         self.last_train_loss: torch.Tensor | None = None  # this optimizer step's loss, mean over micro-steps and ranks
         # The last optimizer step's numbers on the host: loss, grad_norm (before clipping), loss_scale (fp16).
         self.step_stats: dict[str, float] = {}
         # What became of its update: applied | overflow (fp16: GradScaler skips it) | nan_skipped (on_nan=skip)
         self.step_outcome: str | None = None
-        self.last_val_loss: float | None = None
-        self.initial_val_loss: float | None = None
+        self.val_metrics: dict[str, float] = {}  # the latest validation's val/loss and val/bpb
+        self.initial_val_metrics: dict[str, float] = {}  # those of the validation before the first step
+        self._token_bytes: torch.Tensor | None = None  # UTF-8 bytes of each token id, for val/bpb
         self.loaded_step: int | None = None  # the optimizer step of the checkpoint this run started from
         self._configured = False
 
@@ -112,34 +115,42 @@ class GPTModule(L.LightningModule):
         self._train_loss_sum = torch.zeros((), device=self.device)
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = torch.zeros(2, device=self.device)
+        self._val_sums = torch.zeros(4, device=self.device)
+        if self._token_bytes is None or self._token_bytes.device != self.device:
+            self._token_bytes = torch.tensor(token_byte_lengths(self.cfg.model.vocab_size), device=self.device)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Sums over the batch's target tokens: loss (nats), count; and for bits per byte, the loss of tokens
+        that are text and their UTF-8 bytes (<|endoftext|> has none: it is left out of both, as nanochat does)."""
         x, y, weight = batch  # weight 0: a padding batch (see ValidationBatches)
-        _, loss = self.model(x, y)
-        self._val_sums[0] += weight * loss.detach() * y.numel()
-        self._val_sums[1] += weight * y.numel()
+        logits, _ = self.model(x)
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+        n_bytes = self._token_bytes[y.flatten()]
+        sums = torch.stack([losses.sum(), losses.new_tensor(y.numel()), (losses * (n_bytes > 0)).sum(), n_bytes.sum()])
+        self._val_sums += weight * sums
 
     def on_validation_epoch_end(self) -> None:
-        # Token-weighted mean over every rank's share of the fixed validation windows.
-        loss_sum, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        val_loss = loss_sum / count
+        # Over every rank's share of the fixed validation windows: the token-weighted mean loss (nats per token),
+        # and bits per UTF-8 byte of the same targets, comparable across tokenizers and vocabularies.
+        loss_sum, count, text_loss_sum, n_bytes = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        metrics = {"val/loss": loss_sum / count, "val/bpb": text_loss_sum / (math.log(2) * n_bytes)}
         # trainer.validate() of a checkpoint restores its weights, not its loop counters (global_step 0)
         step = self.global_step if self.trainer.state.fn == "fit" else self.loaded_step or 0
-        self.last_val_loss = float(val_loss)
+        self.val_metrics = {name: float(value) for name, value in metrics.items()}
         if self.trainer.sanity_checking:  # the run's starting point; Lightning drops sanity-check logs
-            self.initial_val_loss = self.last_val_loss
+            self.initial_val_metrics = self.val_metrics
             for logger in self.loggers:
-                logger.log_metrics({"val/loss": self.last_val_loss}, step=step)
+                logger.log_metrics(self.val_metrics, step=step)
         else:
-            self.log("val/loss", val_loss, prog_bar=True)
+            self.log("val/loss", metrics["val/loss"], prog_bar=True)
+            self.log("val/bpb", metrics["val/bpb"])
             self.log("step", float(step))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Beside Lightning's state (global_step, optimizer, ...) and the RNG states (callbacks/random_state.py).
         checkpoint[GPT_CONFIG_KEY] = gpt_config_record(self.cfg.model)
         checkpoint["tokens"] = self.global_step * self.plan.tokens_per_step
-        checkpoint["initial_val_loss"] = self.initial_val_loss  # a resumed run skips the validation at its start
+        checkpoint["initial_val_metrics"] = self.initial_val_metrics  # a resumed run skips the validation at its start
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Before the weights load: a resumed run must build the checkpoint's model (compile and activation
@@ -152,7 +163,8 @@ class GPTModule(L.LightningModule):
                     f"is {getattr(self.cfg.model, key)!r}, the checkpoint's model has {value!r}: resume with the "
                     "checkpoint's architecture (repeat the run's model overrides)",
                 )
-        self.initial_val_loss = checkpoint.get("initial_val_loss")
+        before_bpb = {"val/loss": checkpoint.get("initial_val_loss")}  # the record of checkpoints before val/bpb
+        self.initial_val_metrics = checkpoint.get("initial_val_metrics", before_bpb)
         self.loaded_step = checkpoint["global_step"]
 
     def configure_optimizers(self):

@@ -25,6 +25,16 @@ def resolve_device(name: str) -> str:
     return name
 
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the scripts' `dtype` key
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """The `dtype` key of the eval scripts: auto is bf16 on a GPU that has it, else fp32."""
+    if name == "auto":
+        return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    return name
+
+
 def load_model(name_or_path: str | Path, map_location: str | torch.device = "cpu") -> GPT:
     """A gptlab checkpoint, a Hugging Face GPT-2 folder (config.json + weights) or a hub model name."""
     path = Path(name_or_path)

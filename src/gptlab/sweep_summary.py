@@ -9,6 +9,7 @@ cluster time limit, say).
 """
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -28,10 +29,12 @@ STALE_S = 30 * 60  # a job with no summary.json and no file written for this lon
 METRICS = {  # summary column -> header
     "final_val_loss": "final val loss",
     "best_val_loss": "best val loss",
+    "final_val_bpb": "final val bpb",  # bits per byte: comparable across tokenizers and vocabularies
     "hellaswag_acc_norm": "HellaSwag acc_norm",
     "tokens_per_s": "tokens/s",
 }
-DIGITS = {"final_val_loss": 4, "best_val_loss": 4, "hellaswag_acc_norm": 4, "tokens_per_s": 0}
+DIGITS = {"final_val_loss": 4, "best_val_loss": 4, "final_val_bpb": 4, "hellaswag_acc_norm": 4, "tokens_per_s": 0}
+HIGHER_IS_BETTER = {"hellaswag_acc_norm", "tokens_per_s"}  # the others: lower is better
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Job:
     step: int | None = None
     final_val_loss: float | None = None
     best_val_loss: float | None = None
+    final_val_bpb: float | None = None
     hellaswag_acc_norm: float | None = None
     tokens_per_s: float | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val loss)
@@ -135,6 +139,7 @@ def read_job(folder: Path, sweep: Path, now: float, stale_s: float = STALE_S) ->
         step=_first(summary.get("step"), records[-1].get("step") if records else None),
         final_val_loss=_first(summary.get("val_loss"), curve[-1][1] if curve else None),
         best_val_loss=min(_finite_values([v for _, v in curve] + [summary.get("val_loss")]), default=None),
+        final_val_bpb=_first(summary.get("val_bpb"), _last(records, "val/bpb")),
         hellaswag_acc_norm=_first(summary.get("hellaswag_acc_norm"), _last(records, "hellaswag/acc_norm")),
         tokens_per_s=_first(summary.get("tokens_per_s"), _last(records, "tokens_per_s")),
         curve=curve,
@@ -254,6 +259,19 @@ def job_rows(sweep: Sweep) -> list[dict]:
         for c in sweep.configs
         for j in c.jobs
     ]
+
+
+def ranked(sweep: Sweep, metric: str) -> Sweep:
+    """The sweep with its configs best first by the mean of `metric` (configs without it last)."""
+    if metric not in METRICS:
+        raise UserInputError(f"cannot rank by {metric!r}: one of {', '.join(METRICS)}")
+    sign = -1 if metric in HIGHER_IS_BETTER else 1
+
+    def key(config: Config) -> tuple:
+        mean = config.stats(metric)[0]
+        return (mean is None, sign * mean if mean is not None else 0.0)
+
+    return dataclasses.replace(sweep, configs=sorted(sweep.configs, key=key))
 
 
 def markdown(sweep: Sweep, by_seed: bool = True, by_config: bool = True) -> str:

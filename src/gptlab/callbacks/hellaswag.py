@@ -5,21 +5,40 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from gptlab.callbacks.step_end import OnOptimizerStepEnd
+from gptlab.callbacks.step_end import PeriodicEvaluation
 from gptlab.errors import DataError
 from gptlab.eval.config import HellaSwagConfig
-from gptlab.eval.hellaswag import evaluate, hellaswag_file, load_examples
+from gptlab.eval.hellaswag import METRICS, evaluate, hellaswag_file, load_examples
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
-class HellaSwagEval(OnOptimizerStepEnd):
+def scored_examples(cfg: HellaSwagConfig, device_type: str) -> int | None:
+    """How many of the first examples a run scores: limit, capped by cpu_limit on CPU; None: all."""
+    limits = [cfg.limit, cfg.cpu_limit if device_type == "cpu" else None]
+    return min((n for n in limits if n is not None), default=None)
+
+
+def coverage(cfg, key: str, device_type: str, of_each: str = "") -> str:
+    """What an evaluation scores and when, for the run's header, e.g. `the first 200 examples
+    (eval.hellaswag.cpu_limit, on CPU), after the last step`. cfg: a config with limit, cpu_limit, every_n_steps."""
+    n = scored_examples(cfg, device_type)
+    if n is None:
+        which = "all examples"
+    else:
+        limit = "limit" if n == cfg.limit else "cpu_limit, on CPU"
+        which = f"the first {n:,} examples{of_each} ({key}.{limit})"
+    every = cfg.every_n_steps
+    return f"{which}, " + (f"every {every} steps and after the last" if every else "after the last step")
+
+
+class HellaSwagEval(PeriodicEvaluation):
     def __init__(self, cfg: HellaSwagConfig, trainer_precision: str):
+        super().__init__(cfg.every_n_steps)
         self.cfg = cfg
         self.autocast_dtype = AUTOCAST_DTYPES.get(trainer_precision)
         self.examples: list | None = None
         self.result: dict | None = None  # the latest scores, for summary.json
-        self._scored_step = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":  # the validation after training needs no HellaSwag
@@ -34,25 +53,13 @@ class HellaSwagEval(OnOptimizerStepEnd):
                 raise DataError(message + " (eval.hellaswag.if_missing=fail)")
             rank_zero_warn(message + "; training continues without it (eval.hellaswag.if_missing=warn)")
             return
-        examples = load_examples(path)
-        self.examples = examples if self.cfg.limit is None else examples[: self.cfg.limit]
+        examples = load_examples(path, self.cfg.prompt)
+        self.examples = examples[: scored_examples(self.cfg, trainer.strategy.root_device.type)]
 
-    def on_optimizer_step_end(self, trainer, pl_module, step: int) -> None:
-        every = self.cfg.every_n_steps
-        if self.examples and every and step % every == 0:
-            self._log(trainer, self._score(pl_module))
+    def ready(self) -> bool:
+        return bool(self.examples)  # without the data file, training goes on without HellaSwag
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.examples and trainer.global_step != self._scored_step:
-            self._log(trainer, self._score(pl_module))
-
-    @staticmethod
-    def _log(trainer, metrics: dict[str, float]) -> None:
-        # Straight to the loggers at this step: self.log would attach the scores to a later step's row.
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-
-    def _score(self, pl_module) -> dict[str, float]:
+    def score(self, pl_module) -> dict[str, float]:
         self.result = evaluate(  # in eval mode and without gradients; counts reduced over ranks
             pl_module.model,
             self.examples,
@@ -60,5 +67,4 @@ class HellaSwagEval(OnOptimizerStepEnd):
             device=pl_module.device,
             autocast_dtype=self.autocast_dtype,
         )
-        self._scored_step = pl_module.global_step
-        return {"hellaswag/acc": self.result["acc"], "hellaswag/acc_norm": self.result["acc_norm"]}
+        return {f"hellaswag/{metric}": self.result[metric] for metric in METRICS}

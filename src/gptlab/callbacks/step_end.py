@@ -1,4 +1,4 @@
-"""A callback that acts once per optimizer step, after its update.
+"""Callbacks that act once per optimizer step, after its update; and evaluations that run every N steps.
 
 Lightning calls on_train_batch_end after every micro-batch; with gradient accumulation only the last
 micro-batch of a step completes it (trainer.global_step moves on). Lightning has no hook of its own for that.
@@ -24,3 +24,34 @@ class OnOptimizerStepEnd(L.Callback):
 
     def on_optimizer_step_end(self, trainer, pl_module, step: int) -> None:
         raise NotImplementedError
+
+
+class PeriodicEvaluation(OnOptimizerStepEnd):
+    """An evaluation every `every_n_steps` optimizer steps (0: none) and once after the last step, never twice at
+    one step. Subclasses implement score(pl_module) -> {metric: value} (on every rank, in eval mode and restored)
+    and may override ready() (e.g. False without data)."""
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+        self._scored_step = -1
+
+    def ready(self) -> bool:
+        return True
+
+    def score(self, pl_module) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_optimizer_step_end(self, trainer, pl_module, step: int) -> None:
+        if self.ready() and self.every_n_steps and step % self.every_n_steps == 0:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.ready() and trainer.global_step != self._scored_step:
+            self._evaluate(trainer, pl_module)
+
+    def _evaluate(self, trainer, pl_module) -> None:
+        metrics = self.score(pl_module)
+        self._scored_step = trainer.global_step
+        # Straight to the loggers at this step: self.log would attach the scores to a later step's row.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 
+from gptlab.callbacks.harness import HarnessEval
 from gptlab.callbacks.hellaswag import HellaSwagEval
 from gptlab.callbacks.throughput import ThroughputMeter
 from gptlab.summary import new_summary, write_summary
@@ -27,16 +28,21 @@ class RunSummary(L.Callback):
         """The run's numbers, as the module and the other callbacks (where present) measured them."""
         throughput = next((c.medians() for c in trainer.callbacks if isinstance(c, ThroughputMeter)), {})
         scores = next((c.result for c in trainer.callbacks if isinstance(c, HellaSwagEval)), None) or {}
+        harness = next((c.result for c in trainer.callbacks if isinstance(c, HarnessEval)), None)
         summary = new_summary(
             status="completed",
             step=step,
             tokens=step * self.tokens_per_step,
             train_loss=pl_module.step_stats.get("loss"),
-            val_loss=pl_module.last_val_loss,
-            val_loss_initial=pl_module.initial_val_loss,
+            val_loss=pl_module.val_metrics.get("val/loss"),
+            val_loss_initial=pl_module.initial_val_metrics.get("val/loss"),
+            val_bpb=pl_module.val_metrics.get("val/bpb"),
+            val_bpb_initial=pl_module.initial_val_metrics.get("val/bpb"),
             hellaswag_acc=scores.get("acc"),
             hellaswag_acc_norm=scores.get("acc_norm"),
+            hellaswag_acc_bytes=scores.get("acc_bytes"),
             hellaswag_n=scores.get("n"),
+            harness=harness,  # {"<task>/<metric>": value}
             **throughput,  # tokens_per_s, samples_per_s, step_time_ms, mfu (not on CPU)
             wall_s=round(time.time() - self.started, 2),
             seed=self.seed,

@@ -45,3 +45,13 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
         mergeable_ranks=load_ranks(),
         special_tokens={"<|endoftext|>": EOT},
     )
+
+
+@functools.cache
+def token_byte_lengths(vocab_size: int) -> tuple[int, ...]:
+    """UTF-8 bytes of each id's text, for bits per byte; 0 for <|endoftext|> and for the ids beyond the
+    tokenizer's (a padded vocabulary), which are no text."""
+    enc = gpt2_tokenizer()
+    lengths = [len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
+    lengths[EOT] = 0
+    return tuple(lengths[:vocab_size]) + (0,) * max(vocab_size - enc.n_vocab, 0)

@@ -1,1 +1,1 @@
-"""Evaluations: HellaSwag."""
+"""Evaluations: shared-context scoring of continuations, HellaSwag, lm-evaluation-harness tasks."""

@@ -1,16 +1,20 @@
-"""HellaSwag accuracy of a GPT, scored completion-style as in Karpathy's build-nanogpt.
+"""HellaSwag accuracy of a GPT, scored completion-style: each example is a context and 4 candidate endings, and
+the model's log-likelihood of each ending (as " " + ending after the context) ranks them.
 
-Each example is a context and 4 candidate endings. A row is the GPT-2 tokens of `ctx` followed by those of
-`" " + ending`; the model's cross-entropy over the ending tokens ranks the endings: `acc` takes the ending with
-the lowest summed loss, `acc_norm` the one with the lowest mean loss per ending token.
+Three normalisations, each an argmax over the 4 endings:
+- acc: summed log-likelihood (build-nanogpt's and lm-evaluation-harness's `acc`);
+- acc_norm: per ending token (build-nanogpt's `acc_norm`, gptlab's before it had acc_bytes);
+- acc_bytes: per UTF-8 byte of the ending (lm-eval's `acc_bytes`; lm-eval's `acc_norm` divides by characters,
+  the same on ASCII endings), comparable across tokenizers.
 
-Unlike build-nanogpt (one example, 4 rows, per forward pass), the rows of `batch_size` examples go through
-the model together, sorted by length and right-padded; causal attention keeps padding from changing the
-real positions. Batch shapes come from a few buckets so a torch.compile'd model compiles only a few times.
+The context of an example runs once for its 4 endings (gptlab.eval.scoring), batch_size examples per forward
+pass. prompt=lm_eval builds the context and endings as lm-eval's `hellaswag` task does, so its numbers and
+gptlab's agree example by example; prompt=ctx uses the file's `ctx` and `endings` as build-nanogpt does.
 """
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -19,12 +23,12 @@ from urllib.request import urlopen
 import torch
 import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
-from torch.nn import functional as F
 
 from gptlab.config import PathsConfig
 from gptlab.data.tokenizer import gpt2_tokenizer
 from gptlab.errors import DataError
 from gptlab.eval.config import HellaSwagFileConfig
+from gptlab.eval.scoring import Score, score_continuations
 from gptlab.files import atomic_open, atomic_write_bytes, sha256_of
 from gptlab.schema import at_least, knob, one_of, optional, required
 
@@ -43,7 +47,7 @@ class EvalHellaSwagConfig:
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:1 ...
     # autocast dtype; auto: bf16 on a GPU that has it, else fp32 (not `precision`: that names the training group)
     dtype: str = knob("auto", one_of("auto", "fp32", "bf16", "fp16"))
-    batch_size: int = knob(16, at_least(1))  # examples per forward pass (4 rows each); lower it if out of memory
+    batch_size: int = knob(32, at_least(1))  # examples per forward pass; lower it if out of memory
     compile: bool = False  # torch.compile the model first (pays off on the full split on a GPU)
     eval: _HellaSwagFileSection = field(default_factory=_HellaSwagFileSection)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -54,10 +58,12 @@ ConfigStore.instance().store(name="eval_hellaswag_schema", node=EvalHellaSwagCon
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 FILE_NAME = "hellaswag_val.jsonl"  # the validation split: 10,042 examples
 SHA256_SUFFIX = ".sha256"  # sidecar holding the sha256 of the downloaded file, checked on later uses
-REQUIRED_FIELDS = ("ctx", "endings", "label")  # the schema has more fields; scoring reads only these
+FIELDS = dict(  # the fields each prompt reads (the file has more)
+    ctx=("ctx", "endings", "label"),
+    lm_eval=("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+)
 N_ENDINGS = 4
-LENGTH_MULTIPLE = 32  # sequence lengths are rounded up to this: few distinct shapes for torch.compile
-ENDING_MULTIPLE = 16  # ending lengths likewise (logits are computed at ending positions only)
+METRICS = ("acc", "acc_norm", "acc_bytes")  # by summed, per-token and per-byte log-likelihood
 
 
 @dataclass(frozen=True)
@@ -114,92 +120,84 @@ def download_file(url: str, dest: Path) -> Path | None:
     except OSError:  # URLError, timeouts and connection resets are all OSErrors
         return None
     return dest
-    return digest.hexdigest()
 
 
-def load_examples(path: str | Path) -> list[Example]:
+def load_examples(path: str | Path, prompt: str = "ctx") -> list[Example]:
     """Every example of a HellaSwag jsonl file; a malformed line is a DataError naming its line number."""
     path = Path(path)
     examples = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if line.strip():
-                examples.append(parse_example(line, f"{path}, line {line_number}"))
+                examples.append(parse_example(line, f"{path}, line {line_number}", prompt))
     if not examples:
         raise DataError(f"{path} holds no HellaSwag examples")
     return examples
 
 
-def parse_example(line: str, where: str) -> Example:
+def parse_example(line: str, where: str, prompt: str = "ctx") -> Example:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not JSON ({e})") from None
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    missing = [field for field in REQUIRED_FIELDS if field not in record]
+    missing = [field for field in FIELDS[prompt] if field not in record]
     if missing:
-        raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
-    ctx, endings, label = record["ctx"], record["endings"], record["label"]
-    if not isinstance(ctx, str):
-        raise DataError(f"{where}: ctx must be a string, got {ctx!r}")
+        raise DataError(f"{where}: missing field(s) {', '.join(missing)} (eval.hellaswag.prompt={prompt})")
+    texts = [record[field] for field in FIELDS[prompt] if field not in ("endings", "label")]
+    if not all(isinstance(text, str) for text in texts):
+        raise DataError(f"{where}: {', '.join(FIELDS[prompt][:-2])} must be strings")
+    endings, label = record["endings"], record["label"]
     if type(label) is not int or not 0 <= label < N_ENDINGS:  # type(): bool is an int subclass
         raise DataError(f"{where}: label must be an integer in 0..{N_ENDINGS - 1}, got {label!r}")
     if not isinstance(endings, list) or len(endings) != N_ENDINGS or not all(isinstance(e, str) for e in endings):
         count = len(endings) if isinstance(endings, list) else type(endings).__name__
         raise DataError(f"{where}: endings must be a list of exactly {N_ENDINGS} strings, got {count}")
-    return Example(ctx=ctx, endings=tuple(endings), label=label)
+    if prompt == "lm_eval":  # lm-eval's tasks/hellaswag/utils.py: process_docs
+        ctx = lm_eval_preprocess(f"{record['activity_label']}: {record['ctx_a']} {record['ctx_b'].capitalize()}")
+        return Example(ctx=ctx, endings=tuple(lm_eval_preprocess(e) for e in endings), label=label)
+    return Example(ctx=record["ctx"], endings=tuple(endings), label=label)
+
+
+def lm_eval_preprocess(text: str) -> str:
+    """lm-eval's hellaswag `preprocess`: strip, and drop the WikiHow bracket artefacts ("[title]", "[step]")."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Scoring
 
 
-def example_rows(example: Example, block_size: int) -> list[tuple[list[int], int]]:
-    """The 4 rows of an example as (tokens, number of ending tokens), cut from the left to block_size."""
+def encode_pair(context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Tokens of context and continuation split as lm-evaluation-harness splits them: trailing whitespace of the
+    context moves to the continuation, the whole text is encoded, and the continuation is what follows the
+    context's own tokens (for HellaSwag the same as encoding the two apart)."""
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped) :] + continuation
     enc = gpt2_tokenizer()
-    ctx = enc.encode_ordinary(example.ctx)
-    rows = []
-    for ending in example.endings:
-        end = enc.encode_ordinary(" " + ending)
-        tokens = (ctx + end)[-block_size:]
-        rows.append((tokens, min(len(end), len(tokens))))
-    return rows
+    context_tokens = enc.encode_ordinary(context)
+    return context_tokens, enc.encode_ordinary(context + continuation)[len(context_tokens) :]
 
 
-def bucket_length(n: int, block_size: int) -> int:
-    return min(-(-n // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, block_size)
+def example_requests(example: Example) -> list[tuple[list[int], list[int]]]:
+    """The (context, continuation) tokens of an example's 4 endings; the continuation is " " + ending."""
+    return [encode_pair(example.ctx, " " + ending) for ending in example.endings]
 
 
-def make_batch(
-    rows: list[tuple[list[int], int]], n_rows: int, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(n_rows, T) tokens; (n_rows, K) positions whose next token is an ending token, and which of those
-    are real. Rows past len(rows) are dummy rows (nothing real); T and K are bucketed for torch.compile."""
-    T = bucket_length(max(len(tokens) for tokens, _ in rows), block_size)
-    K = -(-max(n_end for _, n_end in rows) // ENDING_MULTIPLE) * ENDING_MULTIPLE
-    tokens = torch.zeros(n_rows, T, dtype=torch.long)
-    positions = torch.zeros(n_rows, K, dtype=torch.long)
-    real = torch.zeros(n_rows, K, dtype=torch.bool)
-    for i, (row, n_end) in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
-        first = max(len(row) - n_end, 1)  # the first token of a row predicts nothing
-        positions[i, : len(row) - first] = torch.arange(first - 1, len(row) - 1)
-        real[i, : len(row) - first] = True
-    return tokens, positions, real
+def choose(scores: list[Score], endings: tuple[str, ...]) -> list[int]:
+    """The chosen ending of one example by each normalisation: summed log-likelihood (acc), per token (acc_norm,
+    build-nanogpt), per UTF-8 byte of the ending (acc_bytes, lm-eval's; its acc_norm per character)."""
+    n_bytes = [len(ending.encode("utf-8")) for ending in endings]
+    by = (
+        [s.logprob for s in scores],
+        [s.logprob / max(s.tokens, 1) for s in scores],
+        [s.logprob / max(b, 1) for s, b in zip(scores, n_bytes)],
+    )
+    return [max(range(len(values)), key=values.__getitem__) for values in by]  # the first of equals, as argmax
 
 
-def ending_losses(
-    logits: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, real: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed and mean cross-entropy over each row's ending tokens; logits: (rows, K, vocab) at `positions`."""
-    targets = tokens.gather(1, positions + 1)
-    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
-    summed = (losses * real).sum(1)
-    return summed, summed / real.sum(1).clamp(min=1)
-
-
-@torch.no_grad()
 def predict(
     model: torch.nn.Module,
     examples: list[Example],
@@ -207,34 +205,19 @@ def predict(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
-    block_size: int | None = None,
-    min_batches: int = 0,
+    all_ranks: bool = False,
 ) -> torch.Tensor:
-    """(len(examples), 2) predicted ending per example: column 0 by summed loss, column 1 by mean loss.
-
-    batch_size: examples per forward pass (4 * batch_size rows, always: short batches get dummy rows).
-    block_size: longest row, default model.config.block_size.
-    min_batches: run at least this many forward passes; the extra ones score a dummy batch and are discarded
-    (under FSDP every forward pass gathers parameters from all ranks, so all ranks must run as many)."""
-    block_size = block_size or model.config.block_size
-    device = torch.device(device)
-    rows = [example_rows(example, block_size) for example in examples]
-    order = sorted(range(len(examples)), key=lambda i: max(len(tokens) for tokens, _ in rows[i]))
-    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    chunks += [[]] * (min_batches - len(chunks))  # padding: no examples
-    predictions = torch.zeros(len(examples), 2, dtype=torch.long)
-    for chunk in chunks:
-        batch_rows = [row for i in chunk for row in rows[i]] or [([0], 1)]  # padding: one 1-token dummy row
-        tokens, positions, real = (t.to(device) for t in make_batch(batch_rows, N_ENDINGS * batch_size, block_size))
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, _ = model(tokens, positions=positions)  # logits where an ending token is predicted, only
-        if not chunk:
-            continue
-        summed, mean = ending_losses(logits, tokens, positions, real)
-        n = len(chunk)
-        predictions[chunk, 0] = summed[: N_ENDINGS * n].view(n, N_ENDINGS).argmin(1).cpu()
-        predictions[chunk, 1] = mean[: N_ENDINGS * n].view(n, N_ENDINGS).argmin(1).cpu()
-    return predictions
+    """(len(examples), 3) chosen ending per example, by summed, per-token and per-byte log-likelihood; each
+    example's context runs once for its 4 endings (gptlab.eval.scoring), batch_size examples per forward pass.
+    all_ranks: every rank calls this at once (see score_continuations)."""
+    requests = [request for example in examples for request in example_requests(example)]
+    scores = score_continuations(
+        model, requests, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, all_ranks=all_ranks
+    )
+    chosen = [
+        choose(scores[N_ENDINGS * i : N_ENDINGS * (i + 1)], example.endings) for i, example in enumerate(examples)
+    ]
+    return torch.tensor(chosen, dtype=torch.long).view(len(examples), len(METRICS))
 
 
 def evaluate(
@@ -246,31 +229,31 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     limit: int | None = None,
 ) -> dict:
-    """HellaSwag accuracy: {acc, acc_norm, n, correct, correct_norm} over the first `limit` examples (all by
-    default). batch_size is examples per forward pass (4 rows each).
+    """HellaSwag accuracy over the first `limit` examples (all by default): {acc, acc_norm, acc_bytes, n,
+    correct, correct_norm, correct_bytes}. batch_size is examples per forward pass.
 
     Under torch.distributed each rank scores examples[rank::world] and the counts are summed over ranks, so
     every rank returns the single-process result; call it on every rank, with the bare model (not the DDP
-    wrapper, whose forward may communicate a different number of times on each rank). Every rank runs as
-    many forward passes as rank 0, which has the most examples: an FSDP model gathers parameters in each."""
+    wrapper, whose forward may communicate a different number of times on each rank)."""
     examples = examples[:limit] if limit is not None else examples
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = examples[rank::world]
-    batches = -(-len(examples[0::world]) // batch_size)
     was_training = model.training
     model.eval()
     try:
-        predictions = predict(
-            model, mine, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, min_batches=batches
+        chosen = predict(
+            model, mine, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, all_ranks=world > 1
         )
     finally:
         model.train(was_training)
     labels = torch.tensor([example.label for example in mine], dtype=torch.long)
-    counts = torch.tensor([len(mine), *(predictions == labels[:, None]).sum(0).tolist()], dtype=torch.long)
+    counts = torch.tensor([len(mine), *(chosen == labels[:, None]).sum(0).tolist()], dtype=torch.long)
     if world > 1:
         counts = counts.to(device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(counts)
-    n, correct, correct_norm = counts.tolist()
-    return dict(
-        acc=correct / max(n, 1), acc_norm=correct_norm / max(n, 1), n=n, correct=correct, correct_norm=correct_norm
-    )
+    n, *correct = counts.tolist()
+    result = {"n": n}
+    for metric, right in zip(METRICS, correct):
+        result[metric] = right / max(n, 1)
+        result[metric.replace("acc", "correct")] = right
+    return result
