@@ -254,8 +254,8 @@ class GPT(nn.Module):
         and with z_loss added, in training mode where the config asks for them).
 
         For scoring packed rows (gptlab.eval.scoring), where several continuations share one context:
-        logits_at: (B, K) indices into T; logits are computed there only, (B, K, vocab): the vocab-wide head
-        dominates small models, and scoring needs a few positions.
+        logits_at: (N,) indices into the B * T positions (row-major); logits are computed there only, (N, vocab):
+        the vocab-wide head dominates small models, and scoring needs a few positions.
         position_ids: (B, T) each token's position (default 0..T-1, or per document with document_positions);
         attn_mask: (B, 1, T, T) bool, True where a query may look; default causal (and per document with
         document_mask, which also applies on top of a given mask)."""
@@ -279,7 +279,7 @@ class GPT(nn.Module):
             x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         x = self.transformer.ln_f(x)
         if logits_at is not None:
-            x = x.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+            x = x.flatten(0, 1).index_select(0, logits_at)
         logits = self.lm_head(x)
         if cfg.logit_softcap is not None:  # the model's output: validation and scoring see these logits too
             logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)

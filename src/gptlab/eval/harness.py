@@ -225,11 +225,11 @@ class GPTLM(TemplateLM):
         real = index[None, :] >= pad[:, None]  # (B, T): not padding
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         mask = causal & (real[:, None, :] | torch.eye(T, dtype=torch.bool))  # padding attends to itself only
-        batch = dict(position_ids=positions, attn_mask=mask[:, None], logits_at=torch.full((B, 1), T - 1))
+        batch = dict(position_ids=positions, attn_mask=mask[:, None], logits_at=torch.arange(B) * T + T - 1)
         batch = {name: t.to(self.device) for name, t in batch.items()}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             logits, _ = self.model(tokens.to(self.device), **batch)
-        return logits[:, -1, : self.enc.n_vocab].argmax(-1).tolist()  # never a padding id of the vocabulary
+        return logits[:, : self.enc.n_vocab].argmax(-1).tolist()  # never a padding id of the vocabulary
 
     # --- collectives lm-eval's evaluator uses across ranks ---------------------------------------------------
 

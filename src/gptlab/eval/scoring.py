@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 
 LENGTH_MULTIPLE = 32  # row lengths are rounded up to this: few distinct shapes for torch.compile
-SCORED_MULTIPLE = 16  # scored positions per row likewise
+SCORED_MULTIPLE = 64  # positions whose logits a batch needs, likewise
 PADDING = -1  # the segment of padding tokens
+CPU_CHUNK = 128  # rows of logits normalized at once on a CPU (a buffer of 128 x vocab floats, 26 MB for GPT-2)
 
 
 @dataclass(frozen=True)
@@ -89,27 +89,50 @@ def pack_rows(windows: list[tuple[tuple, tuple]], max_length: int) -> list[Row]:
 
 
 def make_batch(rows: list[Row], n_rows: int) -> dict[str, torch.Tensor]:
-    """Rows as right-padded tensors of n_rows rows (the extra ones all padding), lengths bucketed; `mask` is
-    True where a query may attend: causal, within the context or its own continuation. Padding attends to the
-    context and to padding, so no softmax row is empty; nothing real attends to padding."""
+    """Rows as right-padded (n_rows, T) tensors (the extra rows all padding; T bucketed), and what to score:
+    `logits_at`, the positions (into the flattened batch) whose logits are needed, each once, padded to a bucket;
+    `scored`, `targets` and `owners`, per scored token: its row of the logits, its token, its request.
+    `mask` is True where a query may attend: causal, within the context or its own continuation. Padding attends
+    to the context and to padding, so no softmax row is empty; nothing real attends to padding."""
     T = -(-max(len(r.tokens) for r in rows) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
-    K = -(-max(len(r.at) for r in rows) // SCORED_MULTIPLE) * SCORED_MULTIPLE
-    batch = dict(
-        tokens=torch.zeros(n_rows, T, dtype=torch.long),
-        positions=torch.zeros(n_rows, T, dtype=torch.long),
-        segments=torch.full((n_rows, T), PADDING, dtype=torch.long),
-        at=torch.zeros(n_rows, K, dtype=torch.long),
-        targets=torch.zeros(n_rows, K, dtype=torch.long),
-        owners=torch.full((n_rows, K), -1, dtype=torch.long),
-    )
+    tokens = torch.zeros(n_rows, T, dtype=torch.long)
+    positions = torch.zeros(n_rows, T, dtype=torch.long)
+    seg = torch.full((n_rows, T), PADDING, dtype=torch.long)
+    logits_at, scored, targets, owners = [], [], [], []
     for i, row in enumerate(rows):
-        for name in ("tokens", "positions", "segments", "at", "targets", "owners"):
-            values = getattr(row, name)
-            batch[name][i, : len(values)] = torch.tensor(values)
-    seg = batch.pop("segments")
+        for name, tensor in (("tokens", tokens), ("positions", positions), ("segments", seg)):
+            tensor[i, : len(row.tokens)] = torch.tensor(getattr(row, name))
+        needed = sorted(set(row.at))  # a context's last position predicts the first token of each continuation
+        index = {position: len(logits_at) + k for k, position in enumerate(needed)}
+        logits_at += [i * T + position for position in needed]
+        scored += [index[position] for position in row.at]
+        targets += row.targets
+        owners += row.owners
+    n = -(-max(len(logits_at), 1) // SCORED_MULTIPLE) * SCORED_MULTIPLE
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    batch["mask"] = (causal & ((seg.unsqueeze(1) == 0) | (seg.unsqueeze(1) == seg.unsqueeze(2)))).unsqueeze(1)
-    return batch
+    return dict(
+        tokens=tokens,
+        positions=positions,
+        mask=(causal & ((seg.unsqueeze(1) == 0) | (seg.unsqueeze(1) == seg.unsqueeze(2)))).unsqueeze(1),
+        logits_at=torch.tensor(logits_at + [0] * (n - len(logits_at)), dtype=torch.long),
+        scored=torch.tensor(scored, dtype=torch.long),
+        targets=torch.tensor(targets, dtype=torch.long),
+        owners=torch.tensor(owners, dtype=torch.long),
+    )
+
+
+def logsumexp_and_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of (N, vocab) logits: log-sum-exp and argmax. On a CPU in chunks of rows through one buffer, which
+    runs 2x faster than torch.logsumexp: its vocab-wide temporaries cost more in page faults than in arithmetic."""
+    best, argmax = logits.max(dim=-1)
+    chunk = len(logits) if logits.is_cuda else CPU_CHUNK
+    buffer = torch.empty(min(chunk, len(logits)), logits.size(-1), device=logits.device)
+    sums = torch.empty_like(best)
+    for start in range(0, len(logits), chunk):
+        rows = slice(start, start + chunk)
+        shifted = torch.sub(logits[rows], best[rows, None], out=buffer[: len(best[rows])])
+        sums[rows] = shifted.exp_().sum(dim=-1)
+    return best + sums.log(), argmax
 
 
 @torch.no_grad()
@@ -145,16 +168,16 @@ def score_continuations(
         batch = {name: t.to(device) for name, t in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits, _ = model(
-                batch["tokens"], logits_at=batch["at"], position_ids=batch["positions"], attn_mask=batch["mask"]
+                batch["tokens"], logits_at=batch["logits_at"], position_ids=batch["positions"], attn_mask=batch["mask"]
             )
         if not rows_in_batch:
             continue
-        targets = batch["targets"]
-        token_logprobs = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-        missed = logits.argmax(-1).flatten() != targets.flatten()
-        owners = batch["owners"].flatten()
-        scored = owners >= 0
-        owners, token_logprobs, missed = (t[scored].cpu() for t in (owners, token_logprobs, missed))
+        logits = logits.float()
+        log_normalizer, best = logsumexp_and_argmax(logits)  # once per position, however many targets it has
+        row, targets = batch["scored"], batch["targets"]
+        token_logprobs = logits[row, targets] - log_normalizer[row]  # log p(target) = logit - logsumexp
+        missed = best[row] != targets
+        owners, token_logprobs, missed = (t.cpu() for t in (batch["owners"], token_logprobs, missed))
         logprobs.index_add_(0, owners, token_logprobs.double())
         misses.index_add_(0, owners, missed.long())
     return [
