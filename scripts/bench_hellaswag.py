@@ -3,7 +3,9 @@ many examples per forward pass) vs build-nanogpt's per-example loop (4 full rows
 
 `python scripts/bench_hellaswag.py [--examples 300] [--batch-size 32]`: the same gpt2_tiny-sized random GPT
 and the same synthetic examples (HellaSwag-like lengths) for both; prints examples/s and the speed-up, and
-whether both chose the same endings (summed and per-token loss).
+whether both chose the same endings (summed and per-token loss). On a GPU, the full split with GPT-2 124M:
+`python scripts/bench_hellaswag.py --examples 10042 --model gpt2_124m --device cuda --dtype bf16 --compile
+--batch-size 128 --no-loop`.
 """
 
 import argparse
@@ -56,24 +58,57 @@ def timed(fn):
     return result, time.perf_counter() - started
 
 
+MODELS = {  # conf/model/<name>.yaml sizes: random weights (the speed does not depend on them)
+    "gpt2_tiny": dict(block_size=256, n_layer=4, n_head=4, n_embd=128),
+    "gpt2_124m": dict(block_size=1024, n_layer=12, n_head=12, n_embd=768),
+}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=300)
+    parser.add_argument("--examples", type=int, default=300, help="10042: the size of the validation split")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (gptlab)")
+    parser.add_argument("--model", choices=list(MODELS), default="gpt2_tiny")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype of gptlab's scorer")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (gptlab's scorer)")
+    parser.add_argument("--no-loop", action="store_true", help="time gptlab's scorer alone (the loop takes long)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=256, n_layer=4, n_head=4, n_embd=128)).eval()  # conf/model/gpt2_tiny.yaml
+    model = GPT(GPTConfig(**MODELS[args.model])).to(args.device).eval()
     examples = synthetic_examples(args.examples)
-    per_example_predictions(model, examples[:8])  # warm-up: tokenizer, allocator
-    predict(model, examples[:8], batch_size=args.batch_size)
-    reference, loop_s = timed(lambda: per_example_predictions(model, examples))
-    batched, batched_s = timed(lambda: predict(model, examples, batch_size=args.batch_size))
-    n = len(examples)
-    print(f"HellaSwag scoring, {n} synthetic examples, gpt2_tiny-sized GPT, {torch.get_num_threads()} CPU threads")
+    score = lambda: predict(  # noqa: E731
+        model, examples, batch_size=args.batch_size, device=args.device, autocast_dtype=DTYPES[args.dtype]
+    )
+    where = f"{torch.get_num_threads()} CPU threads" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"HellaSwag scoring, {len(examples)} synthetic examples, {args.model}-sized GPT, {where}, torch "
+          f"{torch.__version__}, {args.dtype}{', compiled' if args.compile else ''}")  # fmt: skip
     print(f"{'method':<34}{'seconds':>9}{'examples/s':>12}")
-    print(f"{'per-example loop (build-nanogpt)':<34}{loop_s:>9.2f}{n / loop_s:>12.1f}")
-    print(f"{f'gptlab, batch_size={args.batch_size}':<34}{batched_s:>9.2f}{n / batched_s:>12.1f}")
-    print(f"speed-up {loop_s / batched_s:.2f}x; same predictions: {torch.equal(reference, batched[:, :2])}")
+    if not args.no_loop:
+        per_example_predictions(model, examples[:8])  # warm-up: tokenizer, allocator
+        reference, loop_s = timed(lambda: per_example_predictions(model, examples))
+        report("per-example loop (build-nanogpt)", loop_s, len(examples))
+    if args.compile:
+        model.compile()
+        _, warm_s = timed(score)  # compiles a shape per length bucket
+        report("gptlab, first pass (compiling)", warm_s, len(examples))
+    else:
+        predict(model, examples[:8], batch_size=args.batch_size, device=args.device)  # warm-up
+    batched, batched_s = timed(lambda: sync(args.device, score()))
+    report(f"gptlab, batch_size={args.batch_size}", batched_s, len(examples))
+    if not args.no_loop:
+        print(f"speed-up {loop_s / batched_s:.2f}x; same predictions: {torch.equal(reference, batched[:, :2])}")
+
+
+def report(method: str, seconds: float, n: int) -> None:
+    print(f"{method:<34}{seconds:>9.2f}{n / seconds:>12.1f}")
+
+
+def sync(device: str, result):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return result
 
 
 if __name__ == "__main__":

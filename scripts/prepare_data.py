@@ -3,6 +3,9 @@
 Reads data.source (a Hugging Face Hub dataset, streamed, or local files), tokenizes it with GPT-2 in
 data.prepare.workers processes and writes shards + manifest.json into data.dir (see conf/prepare.yaml).
 Interrupted? Run the same command again: it resumes after the last finished shard.
+
+data.source naming `.bin` token shards (llm.c, modded-nanogpt) indexes them in place instead, without
+re-tokenizing: `python scripts/prepare_data.py data=local data.source=<folder>` (gptlab.data.index).
 """
 
 import os
@@ -14,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gptlab.config import load_data_config
+from gptlab.data import index
 from gptlab.data.config import DataConfig, FilterConfig
 from gptlab.data.prepare import prepare_dataset
 from gptlab.data.shards import MANIFEST, read_manifest
@@ -39,8 +43,18 @@ def prepare(cfg: DictConfig) -> None:
     data = load_data_config(cfg)
     folder = Path(data.dir)
     if (folder / MANIFEST).is_file():
-        source = read_manifest(folder).get("source", {})
-        print(f"{folder} is already prepared (from {source.get('source')}); delete it to prepare it again")
+        manifest = read_manifest(folder)
+        source = manifest.get("source", {}).get("source")
+        if manifest.get("format") == index.FORMAT:  # the folder may hold the shards themselves: keep them
+            print(f"{folder} is already indexed (from {source}); delete {folder / MANIFEST} to index it again")
+        else:
+            print(f"{folder} is already prepared (from {source}); delete it to prepare it again")
+        return
+    if index.is_token_shards(data):
+        print(index.plan(data))
+        started = time.time()
+        manifest = prepare_dataset(data)
+        print(index.summary(folder, manifest, time.time() - started))
         return
     print(plan(data))
     started = time.time()

@@ -93,7 +93,8 @@ def gptlab_choices(setup: dict, name: str) -> torch.Tensor:
     return predict(setup["model"], load_examples(setup["files"][name][0], prompt="lm_eval"), batch_size=5)
 
 
-@pytest.mark.parametrize("name", ["ascii", pytest.param("unicode", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ascii", "unicode"])
 def test_adapter_agrees_with_gptlab_hellaswag(setup, name):
     from gptlab.eval.harness import GPTLM
 

@@ -1,9 +1,11 @@
 """Preparing datasets: sources (Hub, parquet, jsonl, jsonl.zst, txt) -> GPT-2 ids -> resumable shards."""
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import datasets
 import numpy as np
@@ -11,10 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from pydoc_data.topics import topics
 
-from gptlab.data.config import DataConfig, FilterConfig, PrepareConfig
 from gptlab.data import prepare
+from gptlab.data.config import DataConfig, FilterConfig, PrepareConfig
 from gptlab.data.prepare import STATE, is_validation, prepare_dataset
 from gptlab.data.shards import MANIFEST, read_doc_starts, read_manifest, read_shard
 from gptlab.data.tokenizer import EOT
@@ -165,6 +166,66 @@ def test_slimpajama_zst_takes_val_from_its_validation_files_and_filters_by_set(t
         "val": ["chunk1/example_holdout_0.jsonl.zst"],
         "train": ["chunk1/example_train_0.jsonl.zst", "chunk2/example_train_1.jsonl.zst"],
     }
+
+
+def slimpajama_tree(root: Path, validation: bool = True) -> tuple[list[dict], list[dict]]:
+    """SlimPajama-627B's local layout (train/chunkN/example_train_N.jsonl.zst, validation/chunkN/example_holdout_N...);
+    returns its training and validation rows."""
+    train, val = slimpajama_rows(30), slimpajama_rows(12, first=100)
+    write_jsonl(root / "train" / "chunk1" / "example_train_0.jsonl.zst", train)
+    if validation:
+        write_jsonl(root / "validation" / "chunk1" / "example_holdout_0.jsonl.zst", val)
+    return train, val
+
+
+def slimpajama_config(source, folder, *overrides: str) -> DataConfig:
+    """conf/data/slimpajama.yaml (val_source: validation) on local files, tiny shards, one tokenizer process."""
+    from gptlab.config import load_data_config
+    from tests.conftest import compose_root
+
+    settings = ["data.prepare.workers=1", "data.prepare.shard_tokens=500", *overrides]
+    return load_data_config(compose_root("prepare", ["data=slimpajama", f"data.source={source}", f"data.dir={folder}",
+                                                     *settings]))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "source,train_files",
+    [
+        ("SlimPajama-627B/train", ["chunk1/example_train_0.jsonl.zst"]),  # relative to the working directory
+        ("{tmp}/SlimPajama-627B/train/chunk1", ["example_train_0.jsonl.zst"]),
+        ("{tmp}/SlimPajama-627B/train/*/*.jsonl.zst", ["chunk1/example_train_0.jsonl.zst"]),
+        ("{tmp}/SlimPajama-627B/train/chunk1/example_train_0.jsonl.zst", ["example_train_0.jsonl.zst"]),
+    ],
+)
+def test_slimpajama_local_layout_takes_val_from_the_validation_folder_beside_train(
+    tmp_path, monkeypatch, tiktoken_gpt2, source, train_files
+):
+    train, val = slimpajama_tree(tmp_path / "SlimPajama-627B")
+    monkeypatch.chdir(tmp_path)
+    cfg = slimpajama_config(source.format(tmp=tmp_path), tmp_path / "out")
+    assert cfg.val_source == "validation"  # the hub split's name, as conf/data/slimpajama.yaml sets it
+    manifest = prepare_dataset(cfg)
+    assert manifest["source"]["files"] == {"val": ["chunk1/example_holdout_0.jsonl.zst"], "train": train_files}
+    assert split_docs(tmp_path / "out", "val") == encoded(tiktoken_gpt2, val)
+    assert split_docs(tmp_path / "out", "train") == encoded(tiktoken_gpt2, train)
+
+
+def test_slimpajama_local_files_without_a_validation_folder_say_how_to_choose_one(tmp_path):
+    slimpajama_tree(tmp_path / "SlimPajama-627B", validation=False)
+    with pytest.raises(DataError) as err:
+        prepare_dataset(slimpajama_config(tmp_path / "SlimPajama-627B" / "train", tmp_path / "out"))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("data.val_source=validation: ")
+    assert f"a folder validation beside {tmp_path}/SlimPajama-627B/train or above it" in message
+    assert "set data.val_source=<path of the validation files>, or data.val_source=null to hold out " in message
+    assert "data.val_fraction=0.0005 of the documents" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_validation_folder_found_above_the_training_files_must_not_hold_them(tmp_path):
+    write_jsonl(tmp_path / "validation" / "chunk1" / "example_holdout_0.jsonl.zst", slimpajama_rows(3))
+    with pytest.raises(DataError, match="data.val_source=validation overlaps the training data"):
+        prepare_dataset(slimpajama_config(tmp_path / "validation" / "chunk1", tmp_path / "out"))
 
 
 def test_int_score_filter_drops_and_counts(tmp_path, tiktoken_gpt2):
@@ -358,7 +419,8 @@ def test_hub_datasets_are_streamed_with_their_config_and_splits(tmp_path, monkey
     calls = hub_rows(monkeypatch, {"train": rows})
     manifest = prepare_dataset(config("HuggingFaceFW/fineweb-edu", tmp_path / "edu", hub_config="sample-10BT"))
     assert calls == [{"path": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "split": "train", "streaming": True}]
-    assert split_docs(tmp_path / "edu", "train") == encoded(tiktoken_gpt2, [r for r in rows if not is_validation(r["id"], 0.25)])
+    train = [r for r in rows if not is_validation(r["id"], 0.25)]
+    assert split_docs(tmp_path / "edu", "train") == encoded(tiktoken_gpt2, train)
     assert manifest["source"]["splits"] == {"train+val": "train"}
 
     train, val = slimpajama_rows(20), slimpajama_rows(8, first=20)
@@ -420,3 +482,46 @@ def test_script_reports_bad_input_in_one_line_and_exits_2(tmp_path, override, me
     proc = run_script(tmp_path, "data=fineweb_edu", f"data.dir={tmp_path / 'out'}", override.format(tmp=tmp_path))
     assert proc.returncode == 2
     assert message.format(tmp=tmp_path) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_script_on_slimpajama_without_its_validation_folder_fails_in_one_line_whose_ways_out_run(tmp_path):
+    root = tmp_path / "SlimPajama-627B"
+    train, val = slimpajama_tree(root, validation=False)
+    write_jsonl(tmp_path / "heldout" / "chunk1" / "example_holdout_0.jsonl.zst", val)
+    args = ["data=slimpajama", f"data.source={root / 'train'}", "data.prepare.workers=1"]
+    failed = run_script(tmp_path, *args, f"data.dir={tmp_path / 'failed'}")
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    [line] = failed.stderr.strip().splitlines()
+    assert line.startswith("Data error: data.val_source=validation: ")
+    ways_out = {"data.val_source=<path of the validation files>": tmp_path / "heldout", "data.val_source=null": None}
+    for way_out, val_source in ways_out.items():
+        assert way_out in line
+        out = tmp_path / f"out_{val_source is None}"
+        override = way_out.replace("<path of the validation files>", str(val_source))
+        proc = run_script(tmp_path, *args, override, f"data.dir={out}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts = read_manifest(out)["documents"]
+        if val_source is None:  # val: data.val_fraction of the training documents
+            assert counts["train"]["kept"] + counts["val"]["kept"] == len(train)
+        else:
+            assert (counts["train"]["kept"], counts["val"]["kept"]) == (len(train), len(val))
+
+
+@pytest.mark.slow
+def test_the_prepare_command_that_training_names_prepares_local_slimpajama(tmp_path):
+    from gptlab.config import load_config
+    from gptlab.data.datamodule import TokenDataModule
+    from gptlab.data.shards import ShardError
+    from tests.conftest import compose_train
+
+    train, val = slimpajama_tree(tmp_path / "SlimPajama-627B")
+    overrides = ["data=slimpajama", f"data.source={tmp_path / 'SlimPajama-627B' / 'train'}"]
+    cfg, plan = load_config(compose_train(overrides, data_dir=tmp_path / "data"))
+    with pytest.raises(ShardError, match="Prepare it first") as err:
+        TokenDataModule(cfg.data, cfg.eval, plan, seed=0).prepare_data()
+    command = shlex.split(str(err.value).splitlines()[-1])
+    assert command[:2] == ["python", "scripts/prepare_data.py"]
+    proc = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = read_manifest(Path(cfg.data.dir))["documents"]
+    assert (counts["train"]["kept"], counts["val"]["kept"]) == (len(train), len(val))

@@ -5,9 +5,9 @@ loader's position is just the number of micro-batches consumed. It is saved in e
 resuming starts the sampler there: the run continues with exactly the batch it would have seen.
 """
 
+import dataclasses
 import hashlib
 import json
-import shlex
 from pathlib import Path
 
 import lightning as L
@@ -15,13 +15,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gptlab.config import RunPlan
-from gptlab.data.config import DataConfig
+from gptlab.data import index
+from gptlab.data.commands import prepare_command, quoted, token_shards_in
+from gptlab.data.config import DataConfig, PrepareConfig
 from gptlab.data.loader import RangeSampler, SequentialBatches, TokenWindows, ValidationBatches
-from gptlab.data.prepare import prepare_dataset
+from gptlab.data.prepare import PREPARE_FILE, foreign_files, prepare_dataset, shown
 from gptlab.data.shards import MANIFEST, ShardError, check_dataset, read_manifest
 from gptlab.data.shuffle import ShuffledBatches
 from gptlab.data.tokenizer import RANKS_SHA256
-from gptlab.errors import ConfigError
+from gptlab.errors import ConfigError, UserInputError
 from gptlab.eval.config import EvalConfig
 
 AUTO_PREPARED = {"sample"}  # datasets small enough to prepare on first use
@@ -38,27 +40,52 @@ class TokenDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Once per node, before setup: prepare the sample on first use, then check the shards."""
         if not (self.folder / MANIFEST).is_file():
-            if self.cfg.name not in AUTO_PREPARED:
-                message = f"{self.folder} holds no prepared dataset. Prepare it first:\n  {self.prepare_command()}"
-                raise ShardError(message)
+            error = self.unprepared_error()
+            if error is not None:
+                raise error
             prepare_dataset(self.cfg)
         manifest = check_dataset(self.folder, RANKS_SHA256, self.cfg.verify_checksums)
-        prepared_fraction = manifest.get("val_fraction")
-        if self.cfg.val_source is None and prepared_fraction != self.cfg.val_fraction:
+        prepared_fraction = manifest.get("val_fraction")  # None: the val split came with the shards
+        if self.cfg.val_source is None and prepared_fraction not in (None, self.cfg.val_fraction):
             raise ConfigError(
                 "data.val_fraction",
                 f"{self.folder} was prepared with val_fraction={prepared_fraction}; "
                 f"set data.val_fraction={prepared_fraction} or prepare again into another data.dir",
             )
 
+    def unprepared_error(self) -> UserInputError | None:
+        """Why training cannot start on data.dir, which has no manifest.json, with the command that fixes it; None
+        when the dataset may be prepared there now (the sample corpus, into an empty folder or its own)."""
+        folder = self.folder
+        if index.is_token_shards(self.cfg):  # the prepare command indexes them
+            _, beside = index.index_folder(self.cfg)
+            foreign = [] if beside else foreign_files(folder, index.INDEX_FILE)
+        else:
+            foreign = foreign_files(folder, PREPARE_FILE)
+        if foreign and any(name.endswith(".bin") for name in foreign) and token_shards_in(folder):
+            local = dataclasses.replace(self.cfg, name="local", source=str(folder), prepare=PrepareConfig())
+            return ConfigError(
+                "data.dir",
+                f"{folder} holds token shards ({shown(foreign)}) but no {MANIFEST}, so no data={self.cfg.name} "
+                f"dataset is written there; to train on those shards, index them first (this adds manifest.json and "
+                f"one .idx per shard beside them; the shards are only read): {prepare_command(local)}, "
+                f"then train with data=local data.source={quoted(folder)} data.dir={quoted(folder)}",
+            )
+        if foreign:
+            return ConfigError(
+                "data.dir",
+                f"{folder} holds other files ({shown(foreign)}) and no {MANIFEST}: gptlab writes a dataset only into "
+                "an empty or new folder, or one it was preparing; set data.dir to another folder",
+            )
+        if self.cfg.name in AUTO_PREPARED:
+            return None
+        return ShardError(f"{folder} holds no prepared dataset. Prepare it first:\n  {self.prepare_command()}")
+
     def prepare_command(self) -> str:
-        args = [f"data={self.cfg.name}", f"data.source={self.cfg.source}", f"data.dir={self.cfg.dir}"]
-        if self.cfg.hub_config is not None:
-            args.append(f"data.hub_config={self.cfg.hub_config}")
-        return "python scripts/prepare_data.py " + " ".join(shlex.quote(a) for a in args)
+        return prepare_command(self.cfg)
 
     def setup(self, stage: str) -> None:
-        shards = [(e["file"], e["sha256"]) for e in read_manifest(self.folder)["shards"]]
+        shards = [(Path(e["file"]).name, e["sha256"]) for e in read_manifest(self.folder)["shards"]]
         self.dataset_fingerprint = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
         self.val_windows = TokenWindows(self.folder, "val", self.cfg.seq_len)
         self.num_val_windows = self.eval_cfg.val_tokens // self.cfg.seq_len

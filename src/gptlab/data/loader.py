@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from gptlab.data.shards import read_manifest, read_shard, split_shards
+from gptlab.data.shards import read_manifest, split_shards
 
 
 class TokenWindows:
@@ -20,7 +20,7 @@ class TokenWindows:
 
     def __init__(self, folder: Path, split: str, seq_len: int):
         self.seq_len = seq_len
-        self.shards = [read_shard(p) for p in split_shards(folder, read_manifest(folder), split)]
+        self.shards = [shard.tokens() for shard in split_shards(folder, read_manifest(folder), split)]
         counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]  # windows never span two shards
         self.offsets = np.cumsum([0, *counts])
 

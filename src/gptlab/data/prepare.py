@@ -9,16 +9,21 @@ Resuming: after each finished shard, that split's progress (how far into the sou
 and finished shards) is saved to prepare_state.json. Rerun with the same settings, a prepare verifies
 those shards, skips the source documents they hold and writes what an uninterrupted run would have.
 manifest.json is written last: its presence marks a finished dataset.
+
+A prepare writes only into an empty (or new) folder or one holding an unfinished prepare: never into a folder
+that holds anything else. data.source naming `.bin` token shards (llm.c, modded-nanogpt) is indexed in place
+instead of tokenized (gptlab.data.index).
 """
 
 import hashlib
 import json
 import multiprocessing
 import platform
+import re
 import signal
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing.pool import Pool
@@ -38,13 +43,15 @@ from gptlab.data.shards import (
 )
 from gptlab.data.sources import COUNTS, Stream
 from gptlab.data.tokenizer import EOT, RANKS_SHA256, gpt2_tokenizer
-from gptlab.errors import DataError
+from gptlab.errors import ConfigError, DataError
 from gptlab.files import atomic_write_bytes, sha256_of
 
 SPLITS = ("train", "val")
 STATE = "prepare_state.json"  # the progress of an unfinished prepare; removed once manifest.json is written
 BATCH_CHARS = 1 << 20  # text per tokenizer task: large enough to amortize sending it to a worker
 BATCH_DOCS = 4096  # documents per task, whatever their size (most may be filtered out)
+# What an unfinished prepare leaves in its folder: shards, their indexes, its state, atomic writes' temporary files
+PREPARE_FILE = re.compile(r"(train|val)_\d{6}\.(bin|idx)|" + re.escape(STATE) + r"|\..+\.tmp\d+")
 
 
 def prepare_dataset(cfg: DataConfig) -> dict:
@@ -53,6 +60,11 @@ def prepare_dataset(cfg: DataConfig) -> dict:
     folder = Path(cfg.dir)
     if (folder / MANIFEST).is_file():
         return read_manifest(folder)
+    from gptlab.data import index
+
+    if index.is_token_shards(cfg):  # already tokenized: index them in place
+        return index.index_dataset(cfg)
+    check_writable(folder)
     streams = sources.streams(cfg)
     origins = {"+".join(s.splits): s.origin for s in streams}  # which hub split / files fed which split
     source = {
@@ -71,6 +83,7 @@ def write_dataset(
 ) -> dict:
     """Tokenize the streams' documents into shards in `folder`, resuming from its saved progress, and
     write the manifest (`source` describes where the documents came from)."""
+    check_writable(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for leftover in folder.glob(".*.tmp*"):  # a crash inside atomic_write_bytes leaves its temporary file
         leftover.unlink()
@@ -98,6 +111,28 @@ def write_dataset(
     write_manifest(folder, manifest)  # written last: its presence marks a finished dataset
     (folder / STATE).unlink()
     return manifest
+
+
+def foreign_files(folder: Path, ours: re.Pattern) -> list[str]:
+    """The names in `folder` that `ours` does not match (folders end with "/"): what gptlab did not write there."""
+    if not folder.is_dir():
+        return [] if not folder.exists() else [folder.name]
+    return sorted(p.name + "/" * p.is_dir() for p in folder.iterdir() if not ours.fullmatch(p.name) or p.is_dir())
+
+
+def shown(names: Sequence[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a folder that holds anything but an unfinished prepare: a dataset never overwrites other files."""
+    foreign = foreign_files(folder, PREPARE_FILE)
+    if foreign:
+        raise ConfigError(
+            "data.dir",
+            f"{folder} holds other files ({shown(foreign)}) and no {MANIFEST}: gptlab prepares a dataset only into "
+            "an empty or new folder, or one it was preparing; set data.dir to another folder",
+        )
 
 
 def is_validation(doc_id: str, val_fraction: float) -> bool:

@@ -4,11 +4,17 @@ A shard `<split>_<index:06d>.bin` is a header of 256 int32 (magic 20240520, vers
 then zeros) followed by the tokens as uint16. Beside it, `<split>_<index:06d>.idx` holds the offset
 of each document's first token (its <|endoftext|>) as int64. `manifest.json` describes the folder.
 Every file is written to a temporary name and renamed, so a crash never leaves a half-written file.
+
+A manifest entry may also name a shard outside the folder and its index inside it (gptlab.data.index: llm.c
+and modded-nanogpt shards indexed in place): `file` is then an absolute path, `index` the .idx file's name,
+and `start` the tokens at the shard's start that are not part of its split (the tail of a document that
+began in the shard before; every split starts at a document start).
 """
 
 import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +51,27 @@ def write_shard(path: Path, tokens: np.ndarray, doc_starts: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def read_shard(path: Path) -> np.ndarray:
-    """Memory-map a shard's tokens (uint16) after checking its header."""
+OTHER_MAGIC = {  # what llm.c's other .bin files are, for the message that refuses them
+    20240522: "llm.c's evaluation-data format (HellaSwag, MMLU), not a token shard",
+    20240801: "llm.c's Llama 3 format (uint32 tokens); gptlab reads GPT-2 token shards",
+}
+
+
+def read_header(path: Path) -> np.ndarray:
+    """A shard's header, checked: its magic number and version."""
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if len(header) < HEADER_INTS or header[0] != MAGIC:
-        raise ShardError(f"{path}: not a token shard (bad magic number)")
+        known = OTHER_MAGIC.get(int(header[0])) if len(header) else None
+        why = f"magic {header[0]}: {known}" if known else "bad magic number"
+        raise ShardError(f"{path}: not a token shard ({why})")
     if header[1] != VERSION:
         raise ShardError(f"{path}: unsupported shard version {header[1]}")
+    return header
+
+
+def read_shard(path: Path) -> np.ndarray:
+    """Memory-map a shard's tokens (uint16) after checking its header."""
+    header = read_header(path)
     n_tokens = int(header[2])
     expected = HEADER_BYTES + 2 * n_tokens
     if path.stat().st_size != expected:
@@ -88,10 +108,10 @@ def check_dataset(folder: Path, tokenizer_sha256: str, verify_checksums: bool) -
             f"is {tokenizer_sha256}: prepare the dataset again"
         )
     for split in ("train", "val"):
-        if not any(e["split"] == split and e["tokens"] > 0 for e in manifest["shards"]):
+        if not any(e["split"] == split and e["tokens"] > e.get("start", 0) for e in manifest["shards"]):
             raise ShardError(f"{folder}: the manifest lists no {split} tokens")
     for entry in manifest["shards"]:
-        path = Path(folder) / entry["file"]
+        path = Path(folder) / entry["file"]  # an absolute `file` (a shard indexed in place) stays as it is
         if not path.is_file():
             raise ShardError(f"{path}: listed in {MANIFEST} but missing")
         n_tokens = len(read_shard(path))
@@ -102,7 +122,29 @@ def check_dataset(folder: Path, tokenizer_sha256: str, verify_checksums: bool) -
     return manifest
 
 
-def split_shards(folder: Path, manifest: dict, split: str) -> Iterator[Path]:
+@dataclass(frozen=True)
+class Shard:
+    """One shard of a split: its tokens file, its document index, and where the split's tokens begin in it."""
+
+    path: Path
+    index: Path  # the .idx file: document starts, as offsets in the whole shard
+    start: int = 0  # tokens before it belong to a document that began in an earlier shard (see the module doc)
+
+    def tokens(self) -> np.ndarray:
+        return read_shard(self.path)[self.start :]
+
+    def doc_starts(self) -> np.ndarray:
+        """Document starts as offsets in tokens()."""
+        return np.fromfile(self.index, dtype=np.int64) - self.start
+
+    def num_documents(self) -> int:
+        return self.index.stat().st_size // 8
+
+
+def split_shards(folder: Path, manifest: dict, split: str) -> Iterator[Shard]:
+    """The shards of `split`, in manifest order."""
     for entry in manifest["shards"]:
         if entry["split"] == split:
-            yield Path(folder) / entry["file"]
+            path = Path(folder) / entry["file"]
+            index = Path(folder) / entry["index"] if "index" in entry else path.with_suffix(".idx")
+            yield Shard(path, index, entry.get("start", 0))

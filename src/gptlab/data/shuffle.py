@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gptlab.data.loader import epoch_batches, too_few
-from gptlab.data.shards import ShardError, read_doc_starts, read_manifest, read_shard, split_shards
+from gptlab.data.shards import Shard, ShardError, read_manifest, split_shards
 
 CHUNK_DOCS = 1 << 18  # documents handled at a time when building an epoch's tables (~15 MB)
 
@@ -47,15 +47,14 @@ CHUNK_DOCS = 1 << 18  # documents handled at a time when building an epoch's tab
 class TrainTokens:
     """The train shards as one virtual token array, with the start of each document in it."""
 
-    def __init__(self, paths: list[Path]):
-        shards = [read_shard(p) for p in paths]
-        self.shards = [np.asarray(s) for s in shards]  # plain views of the memory maps slice faster
-        self.bounds = np.cumsum([0] + [len(s) for s in shards])  # shard k holds tokens [bounds[k], bounds[k+1])
-        counts = [p.with_suffix(".idx").stat().st_size // 8 for p in paths]
+    def __init__(self, shards: list[Shard]):
+        self.shards = [np.asarray(s.tokens()) for s in shards]  # plain views of the memory maps slice faster
+        self.bounds = np.cumsum([0] + [len(s) for s in self.shards])  # shard k holds tokens [bounds[k], bounds[k+1])
+        counts = [s.num_documents() for s in shards]
         self.doc_starts = np.empty(sum(counts) + 1, dtype=np.int64)  # plus the end of the last document
         filled = 0
-        for path, base, count in zip(paths, self.bounds, counts):
-            self.doc_starts[filled : filled + count] = read_doc_starts(path) + base
+        for shard, base, count in zip(shards, self.bounds, counts):
+            self.doc_starts[filled : filled + count] = shard.doc_starts() + base
             filled += count
         self.doc_starts[-1] = self.bounds[-1]
 
@@ -130,15 +129,21 @@ class ShuffledBatches(Dataset):
     ):
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size, self.align = rank, world_size, align_to_documents
-        self.paths = list(split_shards(folder, read_manifest(folder), "train"))
-        num_tokens = sum(len(read_shard(p)) for p in self.paths)
+        self.folder = Path(folder)
+        self.shards = list(split_shards(folder, read_manifest(folder), "train"))
+        sizes = [len(s.tokens()) for s in self.shards]
+        num_tokens = sum(sizes)
         if num_tokens == 0:
             raise ShardError(f"{folder}: no training tokens (no train shards, or only empty ones)")
-        for path in self.paths:
-            if not path.with_suffix(".idx").is_file():
-                raise ShardError(f"{path.with_suffix('.idx')}: missing; shuffling needs every shard's document index")
-        if read_doc_starts(self.paths[0])[:1].tolist() != [0]:
-            raise ShardError(f"{self.paths[0]}: the first training document does not start at token 0")
+        for shard in self.shards:
+            if not shard.index.is_file():
+                raise ShardError(f"{shard.index}: missing; shuffling needs every shard's document index")
+        first = next(s for s, size in zip(self.shards, sizes) if size)
+        if first.doc_starts()[:1].tolist() != [0]:
+            raise ShardError(
+                f"{first.path}: the first training document does not start at token 0 (shards from llm.c or "
+                "modded-nanogpt: index them with python scripts/prepare_data.py data=local data.source=<their folder>)"
+            )
         # Sequence s starts at or after s * seq_len; one more start bounds the last sequence's end.
         self.num_starts = (num_tokens - 1) // seq_len + 1
         # An aligned start may move up to seq_len forward, so aligned sequence s ends before start s + 2.
@@ -151,8 +156,8 @@ class ShuffledBatches(Dataset):
         self._tokens: TrainTokens | None = None  # opened lazily, in the process that reads
         self._order: tuple[int, EpochOrder] | None = None  # the current epoch only
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tokens": None, "_order": None}  # workers open their own memory maps
+    def __getstate__(self) -> dict:  # workers open their own memory maps, and read the shard list themselves
+        return {**self.__dict__, "shards": None, "_tokens": None, "_order": None}
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -186,7 +191,8 @@ class ShuffledBatches(Dataset):
     @property
     def tokens(self) -> TrainTokens:
         if self._tokens is None:
-            self._tokens = TrainTokens(self.paths)
+            shards = self.shards or list(split_shards(self.folder, read_manifest(self.folder), "train"))
+            self._tokens = TrainTokens(shards)
         return self._tokens
 
     def epoch_order(self, epoch: int) -> EpochOrder:

@@ -2,8 +2,10 @@
 
 A data config is read as one or two streams of `Document`s. With data.val_source, a validation stream
 and a training stream each feed their own split; otherwise one stream feeds both, and a document's id
-decides its split (gptlab.data.prepare.is_validation). `Stream.read(start)` begins at the start-th
-document of the stream, which is how an interrupted prepare resumes.
+decides its split (gptlab.data.prepare.is_validation). With local files, a data.val_source that names no
+file, folder or glob (a hub split name, like SlimPajama's `validation`) is the folder of that name beside the
+training files or above them (SlimPajama-627B/train -> SlimPajama-627B/validation). `Stream.read(start)` begins
+at the start-th document of the stream, which is how an interrupted prepare resumes.
 
 Local files: .parquet and .jsonl / .jsonl.zst (one JSON object per line) in the FineWeb or SlimPajama
 schema, or .txt (a whole file is one document). Folders are searched recursively, files read in sorted
@@ -64,9 +66,10 @@ def streams(cfg: DataConfig) -> list[Stream]:
     train = cfg.train_split if hub else cfg.source
     if cfg.val_source is None:
         return [stream(train, ("train", "val"))]
-    if cfg.val_source == train if hub else shared_files(cfg.val_source, train):
+    val = cfg.val_source if hub else local_val_source(cfg)
+    if val == train if hub else shared_files(val, train):
         raise DataError(f"data.val_source={cfg.val_source} overlaps the training data ({train}): it must be held out")
-    return [stream(cfg.val_source, ("val",)), stream(train, ("train",))]
+    return [stream(val, ("val",)), stream(train, ("train",))]
 
 
 def is_hub_id(source: str) -> bool:
@@ -113,6 +116,25 @@ def local_files(source: str) -> tuple[Path, list[Path]]:
     if not files:
         raise DataError(f"{source}: matches no {', '.join(SUFFIXES)} file")
     return base, sorted(files, key=lambda p: relative(p, base))
+
+
+def local_val_source(cfg: DataConfig) -> str:
+    """The local validation files of cfg: data.val_source if it names a file, folder or glob; otherwise (a hub
+    split name, like SlimPajama's `validation`) the folder of that name nearest above the training files
+    (SlimPajama-627B/train -> SlimPajama-627B/validation)."""
+    val = Path(cfg.val_source).expanduser()
+    if val.exists() or glob.has_magic(cfg.val_source):
+        return cfg.val_source
+    base = local_files(cfg.source)[0]  # the training files' folder (a bad data.source fails here, naming itself)
+    if not val.is_absolute():
+        for folder in base.absolute().parents:
+            if (folder / val).is_dir():
+                return str(folder / val)
+    raise DataError(
+        f"data.val_source={cfg.val_source}: no such file, folder or glob, nor a folder {cfg.val_source} beside "
+        f"{base} or above it; set data.val_source=<path of the validation files>, or data.val_source=null to "
+        f"hold out data.val_fraction={cfg.val_fraction:g} of the documents by a hash of their id"
+    )
 
 
 def shared_files(source: str, other: str) -> set[Path]:
