@@ -2,8 +2,9 @@
 
 Writes (or reuses) N synthetic training tokens in documents of realistic lengths, then prints one
 table: the shuffling index (build time, memory) measured at that size and extrapolated to
-FineWeb-Edu sample-10BT, loader throughput with and without shuffling (one process, page cache warm),
-and prepare throughput (tokenize + write shards) on a local parquet of real English, 1 and 2 workers.
+FineWeb-Edu sample-10BT, loader throughput with and without shuffling and of a three-source mixture (one
+process, page cache warm), and prepare throughput (tokenize + write shards) on a local parquet of real English,
+1 and 2 workers.
 """
 
 import argparse
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 
 from gptlab.data.config import DataConfig, PrepareConfig
 from gptlab.data.loader import SequentialBatches, TokenWindows
+from gptlab.data.mixture import MixtureBatches
 from gptlab.data.prepare import prepare_dataset
 from gptlab.data.sample_corpus import sample_documents
 from gptlab.data.shards import read_manifest, shard_name, write_manifest, write_shard
@@ -120,6 +122,21 @@ def bench_sequential(folder: Path, manifest: dict, args) -> list[tuple[str, str,
     return [(f"sequential loader, {BATCH}x{SEQ_LEN}, 1 process", f"{rate / 1e6:,.0f}M tokens/s", "")]
 
 
+def bench_mixture(folder: Path, manifest: dict, args) -> list[tuple[str, str, str]]:
+    """Three sources: the dataset above and two more of --mixture-tokens each, weights 0.5 / 0.3 / 0.2."""
+    folders = [folder, *(folder.parent / f"{folder.name}_source{seed}" for seed in (1, 2))]
+    for seed, other in enumerate(folders[1:], 1):
+        warm_page_cache(other, synthetic_dataset(other, args.mixture_tokens, seed))
+    mixture = MixtureBatches(folders, [0.5, 0.3, 0.2], SEQ_LEN, BATCH, seed=0)
+    rate = tokens_per_s(mixture, args.batches)
+    index = [stream.index_nbytes() for stream in mixture.streams]
+    per_doc = sum(i["document_bytes"] for i in index) / sum(i["num_documents"] for i in index)
+    return [
+        (f"mixture loader, 3 sources, {BATCH}x{SEQ_LEN}, 1 process", f"{rate / 1e6:,.0f}M tokens/s", ""),
+        ("  mixture index bytes per document", f"{per_doc:.1f}", ""),
+    ]
+
+
 def english_parquet(folder: Path, tokens: int) -> Path:
     """A FineWeb-Edu-schema parquet of real English: the sample corpus repeated to about `tokens` tokens."""
     path = folder / f"english_{tokens}.parquet"
@@ -150,7 +167,7 @@ def bench_prepare(folder: Path, manifest: dict, args) -> list[tuple[str, str, st
     return rows
 
 
-BENCHMARKS = [bench_index, bench_shuffled, bench_sequential, bench_prepare]
+BENCHMARKS = [bench_index, bench_shuffled, bench_sequential, bench_mixture, bench_prepare]
 
 
 def print_table(rows: list[tuple[str, str, str]]) -> None:
@@ -165,6 +182,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "gptlab_bench_data")
     parser.add_argument("--tokens", type=int, default=1_000_000_000)
     parser.add_argument("--batches", type=int, default=3000, help="micro-batches per throughput measurement")
+    parser.add_argument("--mixture-tokens", type=int, default=100_000_000, help="tokens of each added mixture source")
     parser.add_argument("--prepare-tokens", type=int, default=20_000_000, help="English tokens to prepare")
     args = parser.parse_args()
     start = time.perf_counter()

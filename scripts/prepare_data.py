@@ -18,11 +18,13 @@ from omegaconf import DictConfig
 
 from gptlab.config import load_data_config
 from gptlab.data import index
-from gptlab.data.config import DataConfig, FilterConfig
+from gptlab.data.commands import quoted, source_config
+from gptlab.data.config import DataConfig, FilterConfig, data_sources
 from gptlab.data.prepare import prepare_dataset
+from gptlab.data.sample_corpus import BUILT_IN
 from gptlab.data.shards import MANIFEST, read_manifest
 from gptlab.data.sources import Stream, streams
-from gptlab.errors import exit_on_config_error, exit_on_user_error
+from gptlab.errors import DataError, exit_on_config_error, exit_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GPTLAB_ROOT", str(ROOT))
@@ -41,6 +43,31 @@ def main(cfg: DictConfig) -> None:
 
 def prepare(cfg: DictConfig) -> None:
     data = load_data_config(cfg)
+    if data.mixture:
+        prepare_mixture(data)
+    else:
+        prepare_folder(data)
+
+
+def prepare_mixture(data: DataConfig) -> None:
+    """Each source named after a data option is prepared into its folder with that option's settings; any other
+    source must be prepared already (checked first, before any long prepare)."""
+    options = {source: source_config(source.name, source.folder) for source in data_sources(data)}
+    for source, option in options.items():
+        if option is None and not (source.folder / MANIFEST).is_file():
+            raise DataError(
+                f"data.mixture.{source.name}.dir={source.folder} holds no prepared dataset, and there is no data "
+                f"option {source.name} (conf/data/{source.name}.yaml) to prepare it with; prepare it first: python "
+                f"scripts/prepare_data.py data=<option> data.source=<its files> data.dir={quoted(source.folder)}"
+            )
+    for source, option in options.items():
+        if option is not None:
+            print(f"data.mixture.{source.name}:")
+            prepare_folder(option)
+
+
+def prepare_folder(data: DataConfig) -> None:
+    """Prepare data.dir from data.source (or index the token shards it names), unless it is prepared already."""
     folder = Path(data.dir)
     if (folder / MANIFEST).is_file():
         manifest = read_manifest(folder)
@@ -76,7 +103,7 @@ def plan(data: DataConfig) -> str:
 
 
 def describe_stream(data: DataConfig, stream: Stream) -> str:
-    if data.name == "sample":
+    if data.name in BUILT_IN:
         what = f"the built-in corpus: {stream.origin}"
     elif isinstance(stream.origin, str):  # a hub split
         config = f" (config {data.hub_config})" if data.hub_config else ""

@@ -86,13 +86,14 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    """A data folder holding the prepared sample corpus (prepared once per test session)."""
+    """A data folder holding the prepared built-in corpora, sample and sample_code (prepared once per session)."""
     from gptlab.data.config import DataConfig, PrepareConfig
     from gptlab.data.prepare import prepare_dataset
 
     folder = tmp_path_factory.mktemp("data")
-    sample = DataConfig(name="sample", source="stdlib", dir=str(folder / "sample"), val_fraction=0.05)
-    prepare_dataset(dataclasses.replace(sample, prepare=PrepareConfig(workers=1)))
+    for name in ("sample", "sample_code"):
+        corpus = DataConfig(name=name, source="stdlib", dir=str(folder / name), val_fraction=0.05)
+        prepare_dataset(dataclasses.replace(corpus, prepare=PrepareConfig(workers=1)))
     return folder
 
 
@@ -101,6 +102,13 @@ def sample_docs() -> list[tuple[str, str]]:
     from gptlab.data.sample_corpus import sample_documents
 
     return sample_documents()
+
+
+@pytest.fixture(scope="session")
+def code_docs() -> list[tuple[str, str]]:
+    from gptlab.data.sample_corpus import code_documents
+
+    return code_documents()
 
 
 @pytest.fixture(scope="session")

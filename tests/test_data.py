@@ -1,5 +1,7 @@
-"""Shard format (llm.c compatible), dataset preparation, the sample corpus and the sequential loader."""
+"""Shard format (llm.c compatible), dataset preparation, the built-in corpora and the sequential loader."""
 
+import ast
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -75,6 +77,55 @@ def test_sample_corpus_is_real_text_of_useful_size(sample_docs):
     assert sum(len(t) for _, t in docs) > 1_000_000  # characters: several hundred thousand tokens
 
 
+def test_code_corpus_is_python_source_of_the_documented_size(code_docs):
+    from gptlab.data.sample_corpus import MAX_CODE_FILE_CHARS, MIN_DOCUMENT_CHARS
+    from gptlab.data.tokenizer import gpt2_tokenizer
+
+    assert 250 <= len(code_docs) <= 450  # 345 on CPython 3.11 (the module docstring's figures)
+    for doc_id, text in code_docs:
+        assert MIN_DOCUMENT_CHARS <= len(text) <= MAX_CODE_FILE_CHARS, doc_id
+        ast.parse(text, filename=doc_id)  # every document is a whole Python file as written
+    assert sum("def " in text or "import " in text for _, text in code_docs) > 0.9 * len(code_docs)
+    tokens = sum(len(t) for t in gpt2_tokenizer().encode_ordinary_batch([text for _, text in code_docs]))
+    assert 1_000_000 <= tokens <= 2_000_000  # 1.42M on CPython 3.11, 2.26 characters per token
+
+
+def test_code_corpus_ids_are_unique_sorted_and_split_as_the_sample(code_docs, sample_docs):
+    """A module's source (sample_code) and its docstrings (sample) are held out together: neither corpus validates
+    on text the other trains on."""
+    from gptlab.data.sample_corpus import code_documents
+
+    ids = [i for i, _ in code_docs]
+    assert all(i.startswith("module:") and i.endswith(".py") for i in ids) and len(set(ids)) == len(ids)
+    shared = set(ids) & {i for i, _ in sample_docs}
+    assert len(shared) > 0.5 * len(ids)
+    sample_val = {i for i, _ in sample_docs if is_validation(i, 0.05)}
+    assert {i for i in ids if is_validation(i, 0.05)} & shared == sample_val & shared
+    assert not any(part in ("encodings", "pydoc_data", "test") for i in ids for part in i[7:].split("/"))
+    assert ids == sorted(ids, key=lambda i: i.split("/"))  # sorted by path, folder by folder
+    assert code_documents() == code_docs  # the same documents in the same order, every time
+
+
+def test_code_corpus_prepares_into_train_and_val_shards(tmp_path):
+    from gptlab.config import load_data_config
+    from gptlab.data import index, sources
+    from gptlab.data.prepare import prepare_dataset
+    from tests.conftest import compose_root
+
+    folder = tmp_path / "sample_code"
+    cfg = load_data_config(compose_root("prepare", ["data=sample_code", f"data.dir={folder}"]))
+    (tmp_path / "stray.bin").touch()  # a built-in corpus never reads data.source, even one naming .bin files
+    assert cfg.name == "sample_code" and not index.is_token_shards(dataclasses.replace(cfg, source=str(tmp_path)))
+    assert [s.splits for s in sources.streams(cfg)] == [("train", "val")]
+    manifest = prepare_dataset(cfg)
+    assert manifest["source"]["name"] == "sample_code"
+    tokens = {split: sum(e["tokens"] for e in manifest["shards"] if e["split"] == split) for split in ("train", "val")}
+    assert tokens["train"] > 1_000_000 and tokens["val"] > 20_000  # 1.38M and 45k on CPython 3.11
+    for e in manifest["shards"]:
+        assert len(read_shard(folder / e["file"])) == e["tokens"]
+        assert len(read_doc_starts(folder / e["file"])) == e["documents"]
+
+
 def test_prepared_sample_matches_its_manifest(data_dir):
     folder = data_dir / "sample"
     manifest = read_manifest(folder)
@@ -125,14 +176,21 @@ def test_epochs_wrap_around(windows):
 
 @pytest.mark.parametrize("num_windows, world_size", [(10, 2), (7, 2), (5, 4)])
 def test_validation_windows_split_across_ranks(data_dir, num_windows, world_size):
-    """The ranks' real (weight 1) windows are the single process's, each once; every rank gets the same number
-    of batches (padding with weight 0), so that FSDP's per-forward collectives line up."""
+    """The ranks' real (weight 1) windows are the single process's, each once, with their sources; every rank gets
+    the same number of batches (padding with weight 0), so that FSDP's per-forward collectives line up."""
     val = TokenWindows(data_dir / "sample", "val", seq_len=32)
-    single = torch.cat([x for x, _, w in ValidationBatches(val, num_windows, batch_size=3) if w == 1])
-    ranks = [list(ValidationBatches(val, num_windows, 3, rank=r, world_size=world_size)) for r in range(world_size)]
+    train = TokenWindows(data_dir / "sample", "train", seq_len=32)  # a second source
+    sources = [val, train]
+
+    def rows(batches):
+        return sorted((s, *x) for b in batches if b[2] == 1 for x, s in zip(b[0].tolist(), b[3].tolist()))
+
+    single = list(ValidationBatches(sources, num_windows, batch_size=3))
+    ranks = [list(ValidationBatches(sources, num_windows, 3, rank=r, world_size=world_size)) for r in range(world_size)]
     assert len({len(batches) for batches in ranks}) == 1
-    real = torch.cat([x for batches in ranks for x, _, w in batches if w == 1])
-    assert sorted(map(tuple, real.tolist())) == sorted(map(tuple, single.tolist()))
+    assert rows(b for batches in ranks for b in batches) == rows(single)
+    expected = [(k, *x) for k, w in enumerate(sources) for x in w.get(np.arange(num_windows))[0].tolist()]
+    assert rows(single) == sorted(expected)
 
 
 def test_range_sampler_resumes_mid_run():

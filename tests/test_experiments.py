@@ -24,6 +24,7 @@ ABLATIONS = {
     "ablate_precision": {"precision": ["fp32", "bf16", "bf16_true"]},
     "ablate_radam_vs_warmup": {"optimizer": ["adamw", "radam"], "scheduler.warmup_steps": ["0", "8"]},
     "ablate_architecture": {"arch": sorted(p.stem for p in (CONF / "arch").glob("*.yaml"))},
+    "ablate_data_mixture": {"data.mixture.sample_code.weight": ["0.0", "0.25", "1.0"]},
 }
 TOKENS_PER_STEP = 524_288  # 2**19, GPT-3 Small/Medium/Large's 0.5M-token batch
 
@@ -109,6 +110,9 @@ def test_ablation_sweeps_its_values_over_three_seeds(experiment):
             elif key == "arch":  # conf/arch/<value>.yaml: its keys land in the model's config
                 change = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / f"{value}.yaml"))
                 assert all(getattr(cfg.model, k) == v for k, v in change.items())
+            elif key.startswith("data.mixture."):  # data.mixture.<source>.weight: a dict entry
+                _, _, source, knob = key.split(".")
+                assert str(cfg.data.mixture[source][knob]) == value
             elif "." in key:
                 group, knob = key.split(".")
                 assert str(getattr(getattr(cfg, group), knob)) == value

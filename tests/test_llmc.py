@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 from gptlab.config import load_config
 from gptlab.data.commands import prepare_command
 from gptlab.data.config import DataConfig, FilterConfig, PrepareConfig
-from gptlab.data.datamodule import TokenDataModule
+from gptlab.data.datamodule import TokenDataModule, unprepared_error
 from gptlab.data.index import layout
 from gptlab.data.loader import SequentialBatches, TokenWindows
 from gptlab.data.prepare import STATE, prepare_dataset
@@ -194,10 +195,10 @@ def test_layouts_names_gaps_and_documents_longer_than_a_shard(tmp_path):
     starts = [e.get("start", 0) for e in manifest["shards"]]
     assert starts == [0, 0, 0, 0, int(np.flatnonzero(stream[810:1500] == EOT)[0])]
     shuffled = ShuffledBatches(tmp_path / "gaps_index", 16, 1, seed=0)
-    doc_starts = shuffled.tokens.doc_starts
+    doc_starts = shuffled.stream.tokens.doc_starts
     lengths = np.diff(doc_starts)
     assert doc_starts[0] == 0 and len(long_doc) in lengths  # the long document is one document, read whole
-    tokens = shuffled.tokens.read(doc_starts[:-1], lengths)
+    tokens = shuffled.stream.tokens.read(doc_starts[:-1], lengths)
     assert (tokens[doc_starts[:-1]] == EOT).all()  # every document starts with <|endoftext|>
 
 
@@ -290,15 +291,20 @@ def test_the_sample_is_never_written_into_a_folder_of_other_data(tmp_path):
     assert (other / "train_000000.bin").read_bytes() == b"mine"
 
 
+def sample_refused(data_dir: Path) -> Exception | None:
+    dm = datamodule([], data_dir=data_dir)
+    return unprepared_error(dm.cfg, dm.folder, "data.dir")
+
+
 def test_the_sample_goes_into_an_empty_new_or_unfinished_sample_folder(tmp_path, data_dir):
-    assert datamodule([], data_dir=tmp_path / "new").unprepared_error() is None
+    assert sample_refused(tmp_path / "new") is None
     (tmp_path / "empty" / "sample").mkdir(parents=True)
-    assert datamodule([], data_dir=tmp_path / "empty").unprepared_error() is None
+    assert sample_refused(tmp_path / "empty") is None
     unfinished = tmp_path / "unfinished" / "sample"  # what an interrupted prepare leaves
     unfinished.mkdir(parents=True)
     for name in ("train_000000.bin", "train_000000.idx", STATE, f".val_000000.bin.tmp{1234}"):
         (unfinished / name).write_bytes(b"")
-    assert datamodule([], data_dir=tmp_path / "unfinished").unprepared_error() is None
+    assert sample_refused(tmp_path / "unfinished") is None
     datamodule([], data_dir=data_dir).prepare_data()  # a prepared sample folder is used as it is
 
 

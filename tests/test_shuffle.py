@@ -155,7 +155,7 @@ def test_pickles_without_its_tables(corpus):
     ds = ShuffledBatches(corpus[0], SEQ_LEN, 2, seed=0)
     x, _ = ds[5]
     copy = pickle.loads(pickle.dumps(ds))
-    assert len(pickle.dumps(ds)) < 2000 and copy._tokens is None and copy._order is None
+    assert len(pickle.dumps(ds)) < 2000 and copy.stream._tokens is None and copy.stream._orders == []
     assert torch.equal(copy[5][0], x)
 
 
@@ -170,7 +170,7 @@ def test_index_memory_stays_within_budget(tmp_path, monkeypatch):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     index = ds.index_nbytes()
-    assert index["num_documents"] == len(lengths) and index["num_sequences"] == ds.num_starts
+    assert index["num_documents"] == len(lengths) and index["num_sequences"] == ds.stream.num_starts
     assert index["document_bytes"] <= 16 * index["num_documents"]
     assert index["sequence_bytes"] <= 8 * index["num_sequences"]
     assert peak <= 16 * index["num_documents"] + 8 * index["num_sequences"] + 2**20

@@ -174,6 +174,134 @@ def test_a_single_run_folder_is_a_sweep_of_one(sweep):
     assert len(s.jobs) == 1 and s.jobs[0].final_val_loss == 2.5 and s.configs[0].label == "all jobs"
 
 
+# A mixture sweep: data.mixture.code.weight -> per seed: (val loss of source web, of source code.v2)
+MIXTURE = {"0.2": {0: (3.0, 5.0), 1: (3.2, 5.4)}, "0.8": {0: (3.6, 4.0), 1: (3.8, 4.2)}}
+HEADERS = "| final val loss | best val loss | final val bpb | HellaSwag acc_norm | tokens/s |"  # as before mixtures
+CONFIG_HEADER = "| config | seeds " + HEADERS + " status |"
+JOB_HEADER = "| job | seed | status | step " + HEADERS + " error |"
+MIXTURE_CONFIG_HEADER = "| config | seeds " + HEADERS + " val loss web | val loss code.v2 | status |"
+
+
+@pytest.fixture
+def mixture_sweep(tmp_path) -> Path:
+    """2 code weights x 2 seeds of a mixture of sources web and code.v2; the last job's summary.json lacks
+    val_by_source (its per-source losses are in metrics.jsonl alone), and a job of weight 0.2 is still running."""
+    folder = tmp_path / "multiruns" / "2026-01-02_00-00-00_mix001"
+    jobs = [(weight, seed, losses) for weight, seeds in MIXTURE.items() for seed, losses in seeds.items()]
+    for num, (weight, seed, (web, code)) in enumerate(jobs):
+        job = folder / f"data.mixture.code.weight={weight}" / f"seed={seed}"
+        (job / ".hydra").mkdir(parents=True)
+        overrides = ["data=mixture", f"data.mixture.code.weight={weight}", f"seed={seed}"]
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": num}}}))
+        pooled = 0.5 * (web + code)
+        records = [{"step": 0, "val/loss": 11.0, "val/bpb": 4.0, "val/loss/web": 11.0, "val/bpb/web": 4.0,
+                    "val/loss/code.v2": 11.0, "val/bpb/code.v2": 3.0},
+                   {"step": 20, "val/loss": pooled, "val/bpb": pooled / 3, "val/loss/web": web,
+                    "val/bpb/web": web / 3, "val/loss/code.v2": code, "val/bpb/code.v2": code / 4}]  # fmt: skip
+        (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        summary = completed(pooled, None, 1000.0, seed)
+        summary["data_mixture"] = {"web": {"weight": 1 - float(weight), "share": 1 - float(weight), "tokens": 1000,
+                                           "passes": 0.1, "repeats": 0},
+                                   "code.v2": {"weight": float(weight), "share": float(weight), "tokens": 1000,
+                                               "passes": 0.2, "repeats": 0}}  # fmt: skip
+        if num < len(jobs) - 1:
+            summary["val_by_source"] = {"web": {"loss": web, "bpb": web / 3},
+                                        "code.v2": {"loss": code, "bpb": code / 4}}  # fmt: skip
+        (job / "summary.json").write_text(json.dumps(summary))
+    running = folder / "data.mixture.code.weight=0.2" / "seed=2"
+    (running / ".hydra").mkdir(parents=True)
+    overrides = ["data=mixture", "data.mixture.code.weight=0.2", "seed=2"]
+    (running / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (running / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": len(jobs)}}}))
+    (running / "metrics.jsonl").write_text(json.dumps({"step": 10, "val/loss": 1.5, "val/loss/web": 1.0}) + "\n")
+    return folder
+
+
+def test_a_mixture_sweep_has_a_val_loss_column_per_source_in_the_tables_and_csvs(mixture_sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    load_script("summarize_sweep").main([str(mixture_sweep), "--out", str(out), "--by-seed"])
+    printed = capsys.readouterr().out
+    md = (out / "summary.md").read_text()
+    for text in (printed, md):
+        assert MIXTURE_CONFIG_HEADER in text and "val bpb web" not in text  # per-source bpb: in the CSVs only
+        assert ("| data.mixture.code.weight=0.2 | 2 | 4.1500 ± 0.2121 | 4.1500 ± 0.2121 | 1.3833 ± 0.0707 | — "
+                "| 1000 ± 0 | 3.1000 ± 0.1414 | 5.2000 ± 0.2828 | 2 completed, 1 running |") in text  # fmt: skip
+        assert "| data.mixture.code.weight=0.8 | 2 | 3.9000 ± 0.1414 |" in text
+        assert "| 3.7000 ± 0.1414 | 4.1000 ± 0.1414 | 2 completed |" in text  # the fallback's 3.8 and 4.2 among them
+        assert JOB_HEADER.replace("| error |", "| val loss web | val loss code.v2 | error |") in text
+        assert "| data.mixture.code.weight=0.8/seed=1 | 1 | completed | 20 |" in text
+        assert "| 1000 | 3.8000 | 4.2000 |  |" in text  # from metrics.jsonl
+        running = "| running | 10 | 1.5000 | 1.5000 | — | — | — | 1.0000 | — |"
+        assert "| data.mixture.code.weight=0.2/seed=2 | 2 " + running in text  # its web loss so far, in no mean
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["data.mixture.code.weight"] for r in rows] == ["0.2", "0.8"]
+    assert float(rows[0]["final_val_loss/web_mean"]) == pytest.approx(3.1)
+    assert float(rows[0]["final_val_loss/code.v2_std"]) == pytest.approx(statistics.stdev([5.0, 5.4]))
+    assert float(rows[1]["final_val_loss/code.v2_mean"]) == pytest.approx(4.1)
+    assert float(rows[1]["final_val_bpb/code.v2_mean"]) == pytest.approx(4.1 / 4)
+    assert float(rows[1]["final_val_bpb/web_mean"]) == pytest.approx(3.7 / 3)
+    jobs = list(csv.DictReader((out / "jobs.csv").open()))
+    assert [j["final_val_loss/web"] for j in jobs] == ["3.0", "3.2", "1.0", "3.6", "3.8"]
+    assert jobs[2]["final_val_loss/code.v2"] == "" and jobs[2]["final_val_bpb/web"] == ""  # running: none yet
+    s = load_sweep(mixture_sweep)
+    assert list(s.metrics)[-4:] == ["final_val_loss/web", "final_val_bpb/web", "final_val_loss/code.v2",
+                                    "final_val_bpb/code.v2"]  # fmt: skip
+    assert plot_vs_key(s, "data.mixture.code.weight", "final_val_loss/web").axes[0].get_ylabel() == "val loss web"
+
+
+def test_a_job_without_val_by_source_falls_back_to_the_last_values_in_metrics_jsonl(mixture_sweep):
+    fallback = load_sweep(mixture_sweep).jobs[-2]
+    assert fallback.name == "data.mixture.code.weight=0.8/seed=1" and fallback.completed
+    assert "val_by_source" not in json.loads((mixture_sweep / fallback.name / "summary.json").read_text())
+    assert fallback.by_source == {
+        "final_val_loss/web": 3.8, "final_val_bpb/web": pytest.approx(3.8 / 3),
+        "final_val_loss/code.v2": 4.2, "final_val_bpb/code.v2": pytest.approx(4.2 / 4),
+    }  # fmt: skip
+    summary = mixture_sweep / "data.mixture.code.weight=0.2" / "seed=0" / "summary.json"
+    written = json.loads(summary.read_text())
+    written["val_by_source"]["web"] = {"loss": 2.5, "bpb": None}  # summary.json first, metrics.jsonl for what it lacks
+    summary.write_text(json.dumps(written))
+    job = load_sweep(mixture_sweep).jobs[0]
+    assert job.by_source["final_val_loss/web"] == 2.5 and job.by_source["final_val_bpb/web"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "metric, best_first",
+    [("final_val_loss/web", "0.2"), ("final_val_loss/code.v2", "0.8"), ("final_val_bpb/web", "0.2"),
+     ("final_val_loss", "0.8")],
+)  # fmt: skip
+def test_rank_by_a_source_lists_the_config_with_its_lowest_loss_first(mixture_sweep, capsys, metric, best_first):
+    load_script("summarize_sweep").main([str(mixture_sweep), "--rank-by", metric])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| data.mixture.code.weight=")]
+    assert len(table) == 2 and table[0].startswith(f"| data.mixture.code.weight={best_first} |")
+
+
+def test_rank_by_an_unknown_metric_or_source_is_one_line_and_status_2(mixture_sweep, sweep, capsys):
+    for folder, metric in [(mixture_sweep, "final_val_loss/nope"), (sweep, "final_val_loss/web"), (sweep, "loss")]:
+        with pytest.raises(SystemExit) as exit_:
+            load_script("summarize_sweep").main([str(folder), "--rank-by", metric])
+        assert exit_.value.code == 2 and f"cannot rank by {metric!r}" in capsys.readouterr().err
+
+
+def test_a_sweep_without_a_mixture_has_no_per_source_columns(sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    load_script("summarize_sweep").main([str(sweep), "--out", str(out), "--by-seed"])
+    md = (out / "summary.md").read_text()
+    assert md in capsys.readouterr().out
+    headers = [line for line in md.splitlines() if line.startswith(("| config |", "| job |"))]
+    assert headers == [CONFIG_HEADER, JOB_HEADER]
+    assert "| val loss " not in md and "/" not in "".join(load_sweep(sweep).metrics)
+    columns = next(csv.reader((out / "summary.csv").open()))
+    assert columns == ["config", "optimizer.lr", "scheduler", "n_seeds", "final_val_loss_mean", "final_val_loss_std",
+                       "best_val_loss_mean", "best_val_loss_std", "final_val_bpb_mean", "final_val_bpb_std",
+                       "hellaswag_acc_norm_mean", "hellaswag_acc_norm_std", "tokens_per_s_mean", "tokens_per_s_std",
+                       "status"]  # fmt: skip
+    assert next(csv.reader((out / "jobs.csv").open())) == [
+        "job", "config", "optimizer.lr", "scheduler", "seed", "status", "step", "final_val_loss", "best_val_loss",
+        "final_val_bpb", "hellaswag_acc_norm", "tokens_per_s", "error"]  # fmt: skip
+
+
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from gptlab.callbacks.checkpoints import AtomicCheckpointIO, StepCheckpoints, checkpoint_step
 from gptlab.callbacks.harness import HarnessEval, describe
 from gptlab.callbacks.hellaswag import HellaSwagEval, coverage
+from gptlab.callbacks.mixture import MixtureRepeats
 from gptlab.callbacks.monitor import TrainingMonitor
 from gptlab.callbacks.profiler import TorchProfiler
 from gptlab.callbacks.random_state import RandomState
@@ -20,6 +21,7 @@ from gptlab.callbacks.stopping import StoppingThreshold
 from gptlab.callbacks.summary import RunSummary
 from gptlab.callbacks.throughput import ThroughputMeter
 from gptlab.config import CHECKPOINTS_DIR, RunPlan, TrainConfig
+from gptlab.data.config import DataConfig, data_sources
 from gptlab.data.datamodule import TokenDataModule
 from gptlab.distributed import build_strategy
 from gptlab.flops import flops_per_token, precision_kind
@@ -64,6 +66,7 @@ def build_callbacks(cfg: TrainConfig, plan: RunPlan, run_dir: Path) -> list[L.Ca
         StepCheckpoints(run_dir / CHECKPOINTS_DIR, cfg.callbacks.checkpoint.every_n_steps,
                         cfg.callbacks.checkpoint.save_top_k),  # fmt: skip
         RandomState(),  # RNG states in checkpoints; evaluation leaves the training stream alone
+        MixtureRepeats() if cfg.data.mixture else None,
         HellaSwagEval(h, cfg.precision.trainer_precision) if h.enabled else None,
         HarnessEval(cfg.eval.harness, cfg.precision.trainer_precision) if cfg.eval.harness.tasks else None,
         StoppingThreshold(cfg.trainer.stopping_threshold) if cfg.trainer.stopping_threshold is not None else None,
@@ -144,6 +147,14 @@ def _evaluations(cfg: TrainConfig, device_type: str) -> str:
     return f"HellaSwag: {coverage(h, 'eval.hellaswag', device_type)}, prompt {h.prompt}" + harness
 
 
+def _data(d: DataConfig) -> str:
+    """The data row's start: the dataset, or the mixture's sources and weights."""
+    if not d.mixture:
+        return f"{d.name} ({d.dir}), {'documents shuffled each epoch' if d.shuffle else 'read in order'}"
+    sources = ", ".join(f"{s.name} {s.weight:.3f} ({s.folder})" for s in data_sources(d))
+    return f"mixture of {sources}, sequences drawn by weight"
+
+
 @rank_zero_only
 def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, run_dir: Path, choices) -> None:
     d = cfg.data
@@ -163,8 +174,8 @@ def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, r
         f"hardware   {trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x "
         f"{plan.world_size} ({_parallelism(cfg)}), precision {cfg.precision.name} ({cfg.precision.trainer_precision}), "
         f"torch {torch.__version__}, python {platform.python_version()}",
-        f"data       {d.name} ({d.dir}), {'documents shuffled each epoch' if d.shuffle else 'read in order'}; "
-        f"validation {cfg.eval.val_tokens:,} tokens every {cfg.eval.every_n_steps} steps",
+        f"data       {_data(d)}; validation {cfg.eval.val_tokens:,} tokens{' per source' if d.mixture else ''} "
+        f"every {cfg.eval.every_n_steps} steps",
         f"eval       {_evaluations(cfg, trainer.strategy.root_device.type)}",
         f"run folder {run_dir}",
     ]

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn import functional as F
 
 from gptlab.config import RunPlan, TrainConfig
+from gptlab.data.config import data_sources
 from gptlab.data.tokenizer import token_byte_lengths
 from gptlab.distributed import full_tensor, shard_gpt
 from gptlab.errors import ConfigError, UserInputError
@@ -34,7 +35,7 @@ NOT_FOR_GPTLAB = (
     r".*isinstance\(treespec, LeafSpec\)",
     # Under DDP, Lightning suggests sync_dist for epoch-level logs: val/loss is reduced over ranks already, and
     # "step" is the same on every rank.
-    r".*It is recommended to use `self.log\('(val/loss|val/bpb|step)'",
+    r".*It is recommended to use `self.log\('(val/loss|val/bpb|step)[/'\w.-]*",
     # Resuming mid-epoch, Lightning warns that the loader is not resumable: TokenDataModule restores its position.
     r".*your dataloader is not resumable",
     # Checkpoints of gptlab before StepCheckpoints hold the state of its RunCheckpoint, which nothing needs now.
@@ -60,13 +61,14 @@ class GPTModule(L.LightningModule):
         self.save_hyperparameters({"config": asdict(cfg)}, logger=False)  # train.py logs it, with the overrides
         self.model = GPT(cfg.model)
         self._train_loss_sum = torch.zeros(())  # over the micro-steps of the current optimizer step
-        self._val_sums = torch.zeros(4)  # see validation_step
+        self.val_sources = [s.name for s in data_sources(cfg.data)] if cfg.data.mixture else []  # val/loss/<source>
+        self._val_sums = torch.zeros(max(len(self.val_sources), 1), 4)  # per source; see validation_step
         self.last_train_loss: torch.Tensor | None = None  # this optimizer step's loss, mean over micro-steps and ranks
         # The last optimizer step's numbers on the host: loss, grad_norm (before clipping), loss_scale (fp16).
         self.step_stats: dict[str, float] = {}
         # What became of its update: applied | overflow (fp16: GradScaler skips it) | nan_skipped (on_nan=skip)
         self.step_outcome: str | None = None
-        self.val_metrics: dict[str, float] = {}  # the latest validation's val/loss and val/bpb
+        self.val_metrics: dict[str, float] = {}  # the latest validation's val/loss and val/bpb (and per source)
         self.initial_val_metrics: dict[str, float] = {}  # those of the validation before the first step
         self._token_bytes: torch.Tensor | None = None  # UTF-8 bytes of each token id, for val/bpb
         self.loaded_step: int | None = None  # the optimizer step of the checkpoint this run started from
@@ -115,25 +117,29 @@ class GPTModule(L.LightningModule):
         self._train_loss_sum = torch.zeros((), device=self.device)
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = torch.zeros(4, device=self.device)
+        self._val_sums = torch.zeros_like(self._val_sums, device=self.device)
         if self._token_bytes is None or self._token_bytes.device != self.device:
             self._token_bytes = torch.tensor(token_byte_lengths(self.cfg.model.vocab_size), device=self.device)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Sums over the batch's target tokens: loss (nats), count; and for bits per byte, the loss of tokens
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        """Sums over each source's target tokens: loss (nats), count; and for bits per byte, the loss of tokens
         that are text and their UTF-8 bytes (<|endoftext|> has none: it is left out of both, as nanochat does)."""
-        x, y, weight = batch  # weight 0: a padding batch (see ValidationBatches)
+        x, y, weight, source = batch  # weight 0: a padding batch (see ValidationBatches); source: of each row
         logits, _ = self.model(x)
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
-        n_bytes = self._token_bytes[y.flatten()]
-        sums = torch.stack([losses.sum(), losses.new_tensor(y.numel()), (losses * (n_bytes > 0)).sum(), n_bytes.sum()])
-        self._val_sums += weight * sums
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+        n_bytes = self._token_bytes[y]
+        rows = torch.stack([losses.sum(1), losses.new_full((len(y),), y.size(1)), (losses * (n_bytes > 0)).sum(1),
+                            n_bytes.sum(1).float()], dim=1)  # fmt: skip
+        self._val_sums.index_add_(0, source, weight * rows)
 
     def on_validation_epoch_end(self) -> None:
         # Over every rank's share of the fixed validation windows: the token-weighted mean loss (nats per token),
-        # and bits per UTF-8 byte of the same targets, comparable across tokenizers and vocabularies.
-        loss_sum, count, text_loss_sum, n_bytes = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        metrics = {"val/loss": loss_sum / count, "val/bpb": text_loss_sum / (math.log(2) * n_bytes)}
+        # and bits per UTF-8 byte of the same targets, comparable across tokenizers and vocabularies; pooled over
+        # the sources, and for each source of a mixture.
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        metrics = val_metrics(sums.sum(0))
+        for name, source_sums in zip(self.val_sources, sums):
+            metrics |= {f"{key}/{name}": value for key, value in val_metrics(source_sums).items()}
         # trainer.validate() of a checkpoint restores its weights, not its loop counters (global_step 0)
         step = self.global_step if self.trainer.state.fn == "fit" else self.loaded_step or 0
         self.val_metrics = {name: float(value) for name, value in metrics.items()}
@@ -142,8 +148,8 @@ class GPTModule(L.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(self.val_metrics, step=step)
         else:
-            self.log("val/loss", metrics["val/loss"], prog_bar=True)
-            self.log("val/bpb", metrics["val/bpb"])
+            for name, value in metrics.items():
+                self.log(name, value, prog_bar=name == "val/loss")
             self.log("step", float(step))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -217,3 +223,9 @@ class GPTModule(L.LightningModule):
         # unless eval.every_n_steps divides the budget).
         if self.global_step >= self.trainer.max_steps:
             self.trainer.should_stop = True
+
+
+def val_metrics(sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    """val/loss and val/bpb from validation_step's sums: loss, tokens, loss of text tokens, their bytes."""
+    loss_sum, count, text_loss_sum, n_bytes = sums
+    return {"val/loss": loss_sum / count, "val/bpb": text_loss_sum / (math.log(2) * n_bytes)}

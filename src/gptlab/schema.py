@@ -125,6 +125,10 @@ def check(config: Any, prefix: str = "") -> None:
             for i, item in enumerate(value):
                 if is_dataclass(item):
                     check(item, f"{key}[{i}].")
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                if is_dataclass(item):
+                    check(item, f"{key}.{name}.")
         rule = f.metadata.get("rule")
         problem = rule.problem(value) if rule is not None else None
         if problem is not None:

@@ -6,6 +6,11 @@ that share a config are its seeds. Only completed jobs enter the means: failed, 
 are listed with their status (and error) but left out. A job without summary.json is "running" while its
 files still change, "unknown" once they have been still for STALE_S (killed by the OOM killer or a
 cluster time limit, say).
+
+The metrics are METRICS, plus, in a sweep of data mixtures (data.mixture), each source's final validation:
+`final_val_loss/<source>` ("val loss <source>" in the tables) and `final_val_bpb/<source>` (CSV only, to keep the
+tables readable), from summary.json's val_by_source, else the last val/loss/<source> (val/bpb/<source>) of
+metrics.jsonl. Sweep.metrics lists a sweep's; a sweep without a mixture has METRICS alone.
 """
 
 import csv
@@ -34,7 +39,10 @@ METRICS = {  # summary column -> header
     "tokens_per_s": "tokens/s",
 }
 DIGITS = {"final_val_loss": 4, "best_val_loss": 4, "final_val_bpb": 4, "hellaswag_acc_norm": 4, "tokens_per_s": 0}
-HIGHER_IS_BETTER = {"hellaswag_acc_norm", "tokens_per_s"}  # the others: lower is better
+HIGHER_IS_BETTER = {"hellaswag_acc_norm", "tokens_per_s"}  # the others (per source too): lower is better
+SOURCE_METRICS = {"final_val_loss": "val loss", "final_val_bpb": "val bpb"}  # <column>/<source> -> "<header> <source>"
+SOURCE_IN_TABLES = {"final_val_loss"}  # per-source bpb is in the CSVs only, to keep the markdown tables readable
+SOURCE_KEY = re.compile(r"val/(loss|bpb)/([A-Za-z0-9_.-]+)")  # a mixture source's metric in metrics.jsonl
 
 
 @dataclass
@@ -50,12 +58,17 @@ class Job:
     final_val_bpb: float | None = None
     hellaswag_acc_norm: float | None = None
     tokens_per_s: float | None = None
+    by_source: dict[str, float] = field(default_factory=dict)  # e.g. "final_val_loss/<source>" -> value
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val loss)
     num: int | None = None  # Hydra's job number: the sweep's own order
 
     @property
     def completed(self) -> bool:
         return self.status == "completed"
+
+    def value(self, metric: str) -> float | None:
+        """A metric of METRICS, or a per-source one (`final_val_loss/<source>`)."""
+        return self.by_source.get(metric) if "/" in metric else getattr(self, metric)
 
 
 @dataclass
@@ -66,7 +79,7 @@ class Config:
 
     def stats(self, metric: str) -> tuple[float | None, float | None, int]:
         """Mean, sample std (ddof=1; None for one seed) and count over completed seeds that have the metric."""
-        xs = [getattr(j, metric) for j in self.jobs if j.completed and getattr(j, metric) is not None]
+        xs = [j.value(metric) for j in self.jobs if j.completed and j.value(metric) is not None]
         if not xs:
             return None, None, 0
         return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None), len(xs)
@@ -90,6 +103,12 @@ class Sweep:
     swept: list[str]  # keys whose value differs between jobs (seed excluded)
     common: dict[str, str]  # overrides every job shares
     configs: list[Config]
+    metrics: dict[str, str] = field(default_factory=lambda: dict(METRICS))  # column -> header: METRICS + per source
+
+    @property
+    def shown(self) -> list[str]:
+        """The metric columns of the markdown tables: METRICS and each source's final val loss."""
+        return [m for m in self.metrics if "/" not in m or m.split("/")[0] in SOURCE_IN_TABLES]
 
 
 # --- reading ------------------------------------------------------------------------------------------------
@@ -107,7 +126,14 @@ def load_sweep(folder: Path, now: float | None = None, stale_s: float = STALE_S)
     keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
     swept = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
     common = {k: v for k, v in jobs[0].overrides.items() if k not in swept}
-    return Sweep(folder, jobs, swept, common, group_configs(jobs, swept))
+    return Sweep(folder, jobs, swept, common, group_configs(jobs, swept), sweep_metrics(jobs))
+
+
+def sweep_metrics(jobs: list[Job]) -> dict[str, str]:
+    """METRICS, then per source (in the order the jobs name them) its columns: column -> header."""
+    sources = dict.fromkeys(m.split("/", 1)[1] for j in jobs for m in j.by_source)
+    per_source = {f"{column}/{s}": f"{header} {s}" for s in sources for column, header in SOURCE_METRICS.items()}
+    return METRICS | per_source
 
 
 def find_jobs(folder: Path) -> list[Path]:
@@ -142,12 +168,29 @@ def read_job(folder: Path, sweep: Path, now: float, stale_s: float = STALE_S) ->
         final_val_bpb=_first(summary.get("val_bpb"), _last(records, "val/bpb")),
         hellaswag_acc_norm=_first(summary.get("hellaswag_acc_norm"), _last(records, "hellaswag/acc_norm")),
         tokens_per_s=_first(summary.get("tokens_per_s"), _last(records, "tokens_per_s")),
+        by_source=_by_source(summary, records),
         curve=curve,
         num=_job_num(folder),
     )
     if job.status == "running" and summary and _last_write(folder) <= now - stale_s:
         job.status = "unknown"  # a summary written at start says "running", but nothing moved for a long time
     return job
+
+
+def _by_source(summary: dict, records: list[dict]) -> dict[str, float]:
+    """A mixture's final validation per source: summary.json's val_by_source, else metrics.jsonl's last
+    val/loss/<source> (val/bpb/<source>); {} for a single dataset."""
+    found: dict[str, float] = {}
+    for record in records:  # later records overwrite earlier ones: the last value of each
+        for key, value in record.items():
+            match = SOURCE_KEY.fullmatch(key)
+            if match and _finite(value):
+                found[f"final_val_{match[1]}/{match[2]}"] = float(value)
+    for source, values in (summary.get("val_by_source") or {}).items():  # {"<source>": {"loss": .., "bpb": ..}}
+        for key, value in (values or {}).items():
+            if f"final_val_{key}" in SOURCE_METRICS and isinstance(value, (int, float)):
+                found[f"final_val_{key}/{source}"] = float(value)
+    return found
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -245,7 +288,7 @@ def config_rows(sweep: Sweep) -> list[dict]:
     rows = []
     for config in sweep.configs:
         row = {"config": config.label, **config.values, "n_seeds": config.n_seeds}
-        for metric in METRICS:
+        for metric in sweep.metrics:
             row[f"{metric}_mean"], row[f"{metric}_std"], _ = config.stats(metric)
         rows.append(row | {"status": config.status})
     return rows
@@ -254,7 +297,7 @@ def config_rows(sweep: Sweep) -> list[dict]:
 def job_rows(sweep: Sweep) -> list[dict]:
     return [
         {"job": j.name, "config": c.label, **c.values, "seed": j.seed, "status": j.status, "step": j.step}
-        | {m: getattr(j, m) for m in METRICS}
+        | {m: j.value(m) for m in sweep.metrics}
         | {"error": j.error}
         for c in sweep.configs
         for j in c.jobs
@@ -263,8 +306,8 @@ def job_rows(sweep: Sweep) -> list[dict]:
 
 def ranked(sweep: Sweep, metric: str) -> Sweep:
     """The sweep with its configs best first by the mean of `metric` (configs without it last)."""
-    if metric not in METRICS:
-        raise UserInputError(f"cannot rank by {metric!r}: one of {', '.join(METRICS)}")
+    if metric not in sweep.metrics:
+        raise UserInputError(f"cannot rank by {metric!r}: one of {', '.join(sweep.metrics)}")
     sign = -1 if metric in HIGHER_IS_BETTER else 1
 
     def key(config: Config) -> tuple:
@@ -289,22 +332,26 @@ def markdown(sweep: Sweep, by_seed: bool = True, by_config: bool = True) -> str:
 
 
 def _config_table(sweep: Sweep) -> list[str]:
-    header = ["config", "seeds", *METRICS.values(), "status"]
+    header = ["config", "seeds", *(sweep.metrics[m] for m in sweep.shown), "status"]
     rows = []
     for c in sweep.configs:
-        cells = [_fmt_mean_std(*c.stats(m)[:2], DIGITS[m]) for m in METRICS]
+        cells = [_fmt_mean_std(*c.stats(m)[:2], _digits(m)) for m in sweep.shown]
         rows.append([c.label, str(c.n_seeds), *cells, c.status])
     return _table(header, rows)
 
 
 def _job_table(sweep: Sweep) -> list[str]:
-    header = ["job", "seed", "status", "step", *METRICS.values(), "error"]
+    header = ["job", "seed", "status", "step", *(sweep.metrics[m] for m in sweep.shown), "error"]
     rows = [
-        [j.name, _fmt(j.seed), j.status, _fmt(j.step), *(_fmt(getattr(j, m), DIGITS[m]) for m in METRICS),
+        [j.name, _fmt(j.seed), j.status, _fmt(j.step), *(_fmt(j.value(m), _digits(m)) for m in sweep.shown),
          _short(j.error)]
         for c in sweep.configs for j in c.jobs
     ]  # fmt: skip
     return _table(header, rows)
+
+
+def _digits(metric: str) -> int:
+    return DIGITS[metric.split("/")[0]]  # a per-source column as its pooled one
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -394,7 +441,7 @@ def plot_vs_key(sweep: Sweep, key: str, metric: str = "final_val_loss") -> Figur
         for config in configs:
             x = position[config.values[key]] + offset
             mean, std, _ = config.stats(metric)
-            seeds = [getattr(j, metric) for j in config.jobs if j.completed and getattr(j, metric) is not None]
+            seeds = [j.value(metric) for j in config.jobs if j.completed and j.value(metric) is not None]
             ax.scatter([x] * len(seeds), seeds, color=f"C{i % 10}", s=12, alpha=0.5)
             if mean is not None:
                 xs.append(x), means.append(mean), stds.append(std or 0.0)
@@ -408,8 +455,8 @@ def plot_vs_key(sweep: Sweep, key: str, metric: str = "final_val_loss") -> Figur
     else:
         ax.set_xticks(range(len(values)), values)
     ax.set_xlabel(key)
-    ax.set_ylabel(METRICS.get(metric, metric))
-    ax.set_title(f"{METRICS.get(metric, metric)} vs {key} (mean ± std over completed seeds)", fontsize=9)
+    ax.set_ylabel(sweep.metrics.get(metric, metric))
+    ax.set_title(f"{sweep.metrics.get(metric, metric)} vs {key} (mean ± std over completed seeds)", fontsize=9)
     if len(series) > 1:
         _legend(ax)
     return fig

@@ -43,6 +43,7 @@ class RunSummary(L.Callback):
             hellaswag_acc_bytes=scores.get("acc_bytes"),
             hellaswag_n=scores.get("n"),
             harness=harness,  # {"<task>/<metric>": value}
+            **_mixture(trainer.datamodule, pl_module, step),
             **throughput,  # tokens_per_s, samples_per_s, step_time_ms, mfu (not on CPU)
             wall_s=round(time.time() - self.started, 2),
             seed=self.seed,
@@ -50,3 +51,12 @@ class RunSummary(L.Callback):
             run_dir=str(self.run_dir),
         )
         write_summary(self.run_dir, summary)
+
+
+def _mixture(datamodule, pl_module, step: int) -> dict:
+    """A mixture's sources: weight, realised share, tokens, passes, repeats; and each one's validation."""
+    if not getattr(datamodule, "cfg", None) or not datamodule.cfg.mixture:
+        return {}
+    val = {name: {key.removeprefix("val/").split("/")[0]: value for key, value in pl_module.val_metrics.items()
+                  if key.endswith(f"/{name}")} for name in pl_module.val_sources}  # fmt: skip
+    return {"data_mixture": datamodule.mixture_report(step), "val_by_source": val}

@@ -87,3 +87,14 @@ def shell_quote(word: str) -> str:
 
 def quoted(path: Path | str) -> str:
     return shell_quote(hydra_value(str(path)))
+
+
+def source_config(name: str, folder: str) -> DataConfig | None:
+    """The data option `name` (conf/data/<name>.yaml) set to prepare into `folder`: how a mixture source named
+    after an option is prepared. None when there is no such option."""
+    from gptlab.schema import typed
+
+    values = option_defaults(name)
+    if values.get("name") != name:
+        return None
+    return typed(DataConfig, values | {"dir": str(folder)}, "data")

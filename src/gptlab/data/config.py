@@ -4,12 +4,16 @@ One schema for every data option; conf/data/<name>.yaml states what its dataset 
 split, folder, loader workers). Loads no torch: scripts/prepare_data.py and the config checks use it alone.
 """
 
+import re
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
 from gptlab.schema import at_least, in_range, knob, non_negative, optional, require
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a mixture source's name, as metric names (val/loss/<name>) carry it
 
 
 @dataclass
@@ -59,6 +63,12 @@ class DataConfig:
     align_to_documents: bool = False  # true: sequences start at document starts (see gptlab/data/shuffle.py)
     overfit_batches: int = knob(0, non_negative)  # > 0: train on the first N micro-batches only, repeated
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    # A mixture of prepared datasets, name -> {dir: a prepared data.dir, weight: its relative share, normalised to
+    # sum to 1; 0: validation only} (gptlab/data/mixture.py): each training sequence comes from one source, drawn by
+    # weight; each source is validated on its own (val/loss/<name>). Empty: data.dir alone.
+    mixture: dict[str, Any] = field(default_factory=dict)
+    # mixture: how many times a source may be re-permuted and read again once it runs out; null: no limit
+    max_repeats: Optional[int] = knob(None, optional(non_negative))
 
     def check(self) -> None:
         require(
@@ -66,3 +76,33 @@ class DataConfig:
             "val_fraction",
             f"must be in (0, 1) when data.val_source is null (got {self.val_fraction})",
         )
+        for name, source in self.mixture.items():
+            require(bool(SOURCE_NAME.fullmatch(name)), f"mixture.{name}", "a name may hold letters, digits, _ . -")
+            shape = isinstance(source, dict) and set(source) <= {"dir", "weight"} and isinstance(source.get("dir"), str)
+            require(shape, f"mixture.{name}", f"must be {{dir: <prepared folder>, weight: <number>}} (got {source!r})")
+            weight = source.get("weight", 1.0)
+            require(isinstance(weight, (int, float)) and weight >= 0, f"mixture.{name}.weight",
+                    f"must be a number >= 0 (got {weight!r})")  # fmt: skip
+        require(
+            not self.mixture or sum(s.get("weight", 1.0) for s in self.mixture.values()) > 0,
+            "mixture",
+            "needs a source with weight > 0 (0 marks a source that is only validated on)",
+        )
+        require(self.shuffle or not self.mixture, "shuffle", "must be true with data.mixture (it draws shuffled data)")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A prepared dataset a run reads: data.dir, or one of data.mixture's."""
+
+    name: str
+    folder: Path
+    weight: float  # its share of the training sequences (normalised)
+
+
+def data_sources(cfg: DataConfig) -> list[Source]:
+    """The run's datasets: data.mixture's, in its order, or data.dir alone (named after the data option)."""
+    if not cfg.mixture:
+        return [Source(cfg.name, Path(cfg.dir), 1.0)]
+    weights = {name: source.get("weight", 1.0) for name, source in cfg.mixture.items()}
+    return [Source(name, Path(s["dir"]), weights[name] / sum(weights.values())) for name, s in cfg.mixture.items()]

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptlab.data.config import DataConfig
+from gptlab.data.sample_corpus import BUILT_IN
 from gptlab.data.shards import MANIFEST, read_header, read_manifest, read_shard, write_manifest
 from gptlab.data.tokenizer import EOT, RANKS_SHA256
 from gptlab.errors import ConfigError, DataError
@@ -70,7 +71,7 @@ def shard_files(source: str) -> list[Path]:
 
 
 def is_token_shards(cfg: DataConfig) -> bool:
-    return cfg.name != "sample" and bool(shard_files(cfg.source))
+    return cfg.name not in BUILT_IN and bool(shard_files(cfg.source))
 
 
 def layout(source: str) -> list[ShardFile]:

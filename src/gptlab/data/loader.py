@@ -74,27 +74,36 @@ class SequentialBatches(Dataset):
 
 
 class ValidationBatches(Dataset):
-    """The first `num_windows` validation windows, split across ranks (window w goes to rank w % world).
+    """The first `num_windows` validation windows of each source (one dataset, or each of a mixture's), split
+    across ranks: window w of them all (source w // num_windows) goes to rank w % world.
 
-    Item i is (inputs, targets, weight). Every rank gets the same number of batches: a rank with fewer
-    windows ends with a padding batch of weight 0, because under FSDP each forward pass gathers parameters
-    with all ranks, and a rank that stopped early would leave the others waiting."""
+    Item i is (inputs, targets, weight, source): source says which source each row comes from. Every rank gets
+    the same number of batches: a rank with fewer windows ends with a padding batch of weight 0, because under
+    FSDP each forward pass gathers parameters with all ranks, and a rank that stopped early would leave the
+    others waiting."""
 
-    def __init__(self, windows: TokenWindows, num_windows: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        per_rank = -(-num_windows // world_size)  # the most windows any rank has
-        mine = np.arange(rank, num_windows, world_size)
+    def __init__(
+        self, sources: list[TokenWindows], num_windows: int, batch_size: int, rank: int = 0, world_size: int = 1
+    ):
+        total = num_windows * len(sources)
+        per_rank = -(-total // world_size)  # the most windows any rank has
+        mine = np.arange(rank, total, world_size)
         self.batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
         self.num_real = len(self.batches)
         self.batches += [np.arange(1)] * (-(-per_rank // batch_size) - self.num_real)  # window 0, weight 0
-        self.windows = windows
+        self.sources, self.num_windows = sources, num_windows
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, y = self.windows.get(self.batches[i])
-        return x, y, torch.tensor(1.0 if i < self.num_real else 0.0)
-
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        source, window = np.divmod(self.batches[i], self.num_windows)
+        x = torch.empty(len(window), self.sources[0].seq_len, dtype=torch.int64)
+        y = torch.empty_like(x)
+        for k in np.unique(source):
+            at = torch.from_numpy(source == k)
+            x[at], y[at] = self.sources[k].get(window[source == k])
+        return x, y, torch.tensor(1.0 if i < self.num_real else 0.0), torch.from_numpy(source)
 
 class RangeSampler(Sampler[int]):
     """Yields start, start + 1, ..., stop - 1: the batch indices still to train on.

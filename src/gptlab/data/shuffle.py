@@ -44,12 +44,39 @@ from gptlab.data.shards import Shard, ShardError, read_manifest, split_shards
 CHUNK_DOCS = 1 << 18  # documents handled at a time when building an epoch's tables (~15 MB)
 
 
-class TrainTokens:
+class TokenArray:
+    """Token arrays (shards) read as one: position p of shard k is bounds[k] + p."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.bounds = np.cumsum([0] + [len(a) for a in arrays])  # array k holds tokens [bounds[k], bounds[k+1])
+
+    def read(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The ranges [start, start + length) concatenated (lengths > 0; a range may cross arrays)."""
+        ends = starts + lengths
+        first = np.searchsorted(self.bounds, starts, side="right") - 1
+        last = np.searchsorted(self.bounds, ends - 1, side="right") - 1
+        if (first == last).all():  # each range within one array: the common case, and the fast one
+            shard, lo, hi = first, starts - self.bounds[first], ends - self.bounds[first]
+        else:
+            parts = last - first + 1  # how many arrays each range touches
+            range_of = np.repeat(np.arange(len(starts)), parts)
+            shard = first[range_of] + np.arange(parts.sum()) - np.repeat(np.cumsum(parts) - parts, parts)
+            lo = np.maximum(starts[range_of], self.bounds[shard]) - self.bounds[shard]
+            hi = np.minimum(ends[range_of], self.bounds[shard + 1]) - self.bounds[shard]
+        out = np.empty(int(lengths.sum()), dtype=np.uint16)
+        at = 0
+        for k, a, b in zip(shard.tolist(), lo.tolist(), hi.tolist()):
+            out[at : at + b - a] = self.arrays[k][a:b]
+            at += b - a
+        return out
+
+
+class TrainTokens(TokenArray):
     """The train shards as one virtual token array, with the start of each document in it."""
 
     def __init__(self, shards: list[Shard]):
-        self.shards = [np.asarray(s.tokens()) for s in shards]  # plain views of the memory maps slice faster
-        self.bounds = np.cumsum([0] + [len(s) for s in self.shards])  # shard k holds tokens [bounds[k], bounds[k+1])
+        super().__init__([np.asarray(s.tokens()) for s in shards])  # plain views of the memory maps slice faster
         counts = [s.num_documents() for s in shards]
         self.doc_starts = np.empty(sum(counts) + 1, dtype=np.int64)  # plus the end of the last document
         filled = 0
@@ -62,22 +89,16 @@ class TrainTokens:
     def num_documents(self) -> int:
         return len(self.doc_starts) - 1
 
-    def read(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """The ranges [start, start + length) concatenated (lengths > 0; a range may cross shards)."""
-        ends = starts + lengths
-        first = np.searchsorted(self.bounds, starts, side="right") - 1
-        last = np.searchsorted(self.bounds, ends - 1, side="right") - 1
-        parts = last - first + 1  # how many shards each range touches, almost always 1
-        range_of = np.repeat(np.arange(len(starts)), parts)
-        shard = first[range_of] + np.arange(parts.sum()) - np.repeat(np.cumsum(parts) - parts, parts)
-        lo = np.maximum(starts[range_of], self.bounds[shard]) - self.bounds[shard]
-        hi = np.minimum(ends[range_of], self.bounds[shard + 1]) - self.bounds[shard]
-        out = np.empty(int(lengths.sum()), dtype=np.uint16)
-        at = 0
-        for k, a, b in zip(shard.tolist(), lo.tolist(), hi.tolist()):
-            out[at : at + b - a] = self.shards[k][a:b]
-            at += b - a
-        return out
+
+def cut(starts: np.ndarray, lengths: np.ndarray, per_seq: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The token ranges (starts, lengths) that fill each sequence with seq_len + 1 tokens from its pieces: the first
+    per_seq[0] pieces are the first sequence's, and so on; a sequence takes what it needs of its pieces in order."""
+    seq_of = np.repeat(np.arange(len(per_seq)), per_seq)
+    before = np.cumsum(lengths) - lengths  # tokens before each piece, counted from the first sequence
+    before -= before[(np.cumsum(per_seq) - per_seq)[seq_of]]
+    take = np.minimum(np.maximum(seq_len + 1 - before, 0), lengths)
+    used = take > 0
+    return starts[used], take[used]
 
 
 class EpochOrder:
@@ -113,23 +134,15 @@ class EpochOrder:
         return {"documents": self.docs.nbytes, "sequences": self.start_doc.nbytes + self.start_offset.nbytes}
 
 
-class ShuffledBatches(Dataset):
-    """Item i: micro-batch i of rank `rank`, from documents shuffled anew each epoch (see module doc)."""
+class ShuffledSequences:
+    """One prepared dataset's training sequences, pass (epoch) after pass: see the module doc, steps 1 and 2.
 
-    def __init__(
-        self,
-        folder: Path,
-        seq_len: int,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        align_to_documents: bool = False,
-        accumulation: int = 1,  # micro-batches per optimizer step: an epoch is a whole number of steps
-    ):
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.rank, self.world_size, self.align = rank, world_size, align_to_documents
-        self.folder = Path(folder)
+    Opened lazily in the process that reads (DataLoader workers included); `keep_epochs` passes' tables are kept,
+    most recent first, so that a reader that straddles two passes (a mixture's source) does not rebuild them."""
+
+    def __init__(self, folder: Path, seq_len: int, seed: int, align_to_documents: bool = False, keep_epochs: int = 1):
+        self.folder, self.seq_len, self.seed, self.align = Path(folder), seq_len, seed, align_to_documents
+        self.keep_epochs = keep_epochs
         self.shards = list(split_shards(folder, read_manifest(folder), "train"))
         sizes = [len(s.tokens()) for s in self.shards]
         num_tokens = sum(sizes)
@@ -148,45 +161,33 @@ class ShuffledBatches(Dataset):
         self.num_starts = (num_tokens - 1) // seq_len + 1
         # An aligned start may move up to seq_len forward, so aligned sequence s ends before start s + 2.
         self.lookahead = 2 if align_to_documents else 1
-        self.num_sequences = self.num_starts - self.lookahead
-        sequences = max(self.num_sequences, 0)
-        self.batches_per_epoch = epoch_batches(sequences, batch_size, world_size, accumulation)
-        if self.batches_per_epoch == 0:
-            raise ShardError(f"{folder}: {too_few(sequences, seq_len, batch_size, world_size, accumulation)}")
-        self._tokens: TrainTokens | None = None  # opened lazily, in the process that reads
-        self._order: tuple[int, EpochOrder] | None = None  # the current epoch only
+        self.num_sequences = max(self.num_starts - self.lookahead, 0)  # in each pass
+        self._tokens: TrainTokens | None = None
+        self._orders: list[tuple[int, EpochOrder]] = []  # the passes kept, most recently used first
 
     def __getstate__(self) -> dict:  # workers open their own memory maps, and read the shard list themselves
-        return {**self.__dict__, "shards": None, "_tokens": None, "_order": None}
+        return {**self.__dict__, "shards": None, "_tokens": None, "_orders": []}
 
-    def __len__(self) -> int:
-        return self.batches_per_epoch
+    def sequences(self, epoch: int, seqs: np.ndarray) -> np.ndarray:
+        """Sequences `seqs` (indices in the pass) of pass `epoch`: (len(seqs), seq_len + 1) uint16 tokens."""
+        starts, lengths = cut(*self.pieces(epoch, seqs), self.seq_len)
+        return self.tokens.read(starts, lengths).reshape(len(seqs), self.seq_len + 1)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, batch = divmod(i, self.batches_per_epoch)
-        first = (batch * self.world_size + self.rank) * self.batch_size
-        rows = torch.from_numpy(self.sequences(epoch, first, self.batch_size).astype(np.int64))
-        return rows[:, :-1], rows[:, 1:]
-
-    def sequences(self, epoch: int, first: int, count: int) -> np.ndarray:
-        """Sequences first .. first + count - 1 of `epoch`: (count, seq_len + 1) uint16 tokens."""
-        tokens, order = self.tokens, self.epoch_order(epoch)
-        seqs = np.arange(first, first + count)
+    def pieces(self, epoch: int, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pieces of documents sequences `seqs` of pass `epoch` may read, for `cut`: their starts (positions in
+        `tokens`) and lengths, and how many belong to each sequence (the first begins at the sequence's start)."""
+        order = self.epoch_order(epoch)
         head, tail = order.start_doc[seqs], order.start_doc[seqs + self.lookahead]
         # Every document from a sequence's start document to its bound may contribute a piece.
         per_seq = tail.astype(np.int64) - head + 1
-        seq_of = np.repeat(np.arange(count), per_seq)
         first_piece = np.cumsum(per_seq) - per_seq
-        docs = order.docs[head[seq_of] + np.arange(per_seq.sum()) - first_piece[seq_of]]
-        starts = tokens.doc_starts[docs]
-        lengths = tokens.doc_starts[docs + 1] - starts
+        seq_of = np.repeat(np.arange(len(seqs)), per_seq)
+        docs = order.docs[head[seq_of] + np.arange(len(seq_of)) - first_piece[seq_of]]
+        starts = self.tokens.doc_starts[docs]
+        lengths = self.tokens.doc_starts[docs + 1] - starts
         starts[first_piece] += order.start_offset[seqs]
         lengths[first_piece] -= order.start_offset[seqs]
-        before = np.cumsum(lengths) - lengths  # tokens before each piece, counted from the first sequence
-        before -= before[first_piece][seq_of]
-        take = np.clip(self.seq_len + 1 - before, 0, lengths)
-        used = take > 0
-        return tokens.read(starts[used], take[used]).reshape(count, self.seq_len + 1)
+        return starts, lengths, per_seq
 
     @property
     def tokens(self) -> TrainTokens:
@@ -196,11 +197,16 @@ class ShuffledBatches(Dataset):
         return self._tokens
 
     def epoch_order(self, epoch: int) -> EpochOrder:
-        if self._order is None or self._order[0] != epoch:
-            self._order = None  # free the previous epoch's tables before building the next
+        order = next((o for e, o in self._orders if e == epoch), None)
+        if order is None:
+            del self._orders[self.keep_epochs - 1 :]  # free the oldest pass's tables before building the next
             order = EpochOrder(self.tokens.doc_starts, self.seq_len, self.num_starts, self.seed, epoch, self.align)
-            self._order = (epoch, order)
-        return self._order[1]
+        self._orders = [(epoch, order)] + [(e, o) for e, o in self._orders if e != epoch]
+        return order
+
+    def forget_before(self, epoch: int) -> None:
+        """Drop the tables of passes before `epoch`: a reader that has moved on needs only one pass's."""
+        self._orders = [(e, o) for e, o in self._orders if e >= epoch]
 
     def index_nbytes(self, epoch: int = 0) -> dict[str, int]:
         """Bytes held for the index: per-document arrays (and how many documents), per-sequence arrays."""
@@ -211,3 +217,38 @@ class ShuffledBatches(Dataset):
             "num_sequences": self.num_starts,
             "sequence_bytes": nbytes["sequences"],
         }
+
+
+class ShuffledBatches(Dataset):
+    """Item i: micro-batch i of rank `rank`, from documents shuffled anew each epoch (see module doc)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        align_to_documents: bool = False,
+        accumulation: int = 1,  # micro-batches per optimizer step: an epoch is a whole number of steps
+    ):
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.stream = ShuffledSequences(folder, seq_len, seed, align_to_documents)
+        sequences = self.stream.num_sequences
+        self.batches_per_epoch = epoch_batches(sequences, batch_size, world_size, accumulation)
+        if self.batches_per_epoch == 0:
+            raise ShardError(f"{folder}: {too_few(sequences, seq_len, batch_size, world_size, accumulation)}")
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, batch = divmod(i, self.batches_per_epoch)
+        first = (batch * self.world_size + self.rank) * self.batch_size
+        seqs = np.arange(first, first + self.batch_size)
+        rows = torch.from_numpy(self.stream.sequences(epoch, seqs).astype(np.int64))
+        return rows[:, :-1], rows[:, 1:]
+
+    def index_nbytes(self, epoch: int = 0) -> dict[str, int]:
+        return self.stream.index_nbytes(epoch)

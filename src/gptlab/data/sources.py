@@ -51,10 +51,10 @@ class Stream:
 
 def streams(cfg: DataConfig) -> list[Stream]:
     """The streams of cfg, validation first; local files are listed now, so a bad path fails early."""
-    if cfg.name == "sample":  # the built-in corpus (gptlab.data.sample_corpus builds on this module)
-        from gptlab.data.sample_corpus import sample_stream
+    from gptlab.data.sample_corpus import BUILT_IN  # here, not above: sample_corpus builds on this module
 
-        return [sample_stream()]
+    if cfg.name in BUILT_IN:  # a built-in corpus (sample, sample_code): data.source is not read
+        return [BUILT_IN[cfg.name]()]
     hub = is_hub_id(cfg.source)
 
     def stream(where: str, splits: tuple[str, ...]) -> Stream:  # where: a hub split or local files
