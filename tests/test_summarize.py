@@ -3,16 +3,20 @@
 import csv
 import importlib.util
 import json
+import math
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
 
 import pytest
+import scipy.stats
 import yaml
 from matplotlib.collections import PathCollection
 
-from gptlab.sweep_summary import load_sweep, mean_curve, plot_vs_key
+from gptlab.sweep_summary import higher_is_better, load_sweep, mean_curve, plot_vs_key, value_at
+from gptlab.sweep_verdicts import compare
 from tests.conftest import ROOT
 
 # (lr, scheduler) -> per seed: (final val loss, an earlier, lower val loss or None, hellaswag acc_norm, tokens/s)
@@ -98,7 +102,7 @@ def test_the_script_prints_and_writes_the_tables_and_plots(sweep, tmp_path, caps
     written = load_script("summarize_sweep").main([str(sweep), "--out", str(out), "--by-seed"])
     names = sorted(p.name for p in written)
     assert names == ["jobs.csv", "summary.csv", "summary.md", "val_loss_curves.png",
-                     "val_loss_vs_optimizer.lr.png", "val_loss_vs_scheduler.png"]  # fmt: skip
+                     "val_loss_vs_optimizer.lr.png", "val_loss_vs_scheduler.png", "verdicts.csv"]  # fmt: skip
     for png in out.glob("*.png"):
         assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and png.stat().st_size > 5_000
     printed = capsys.readouterr().out
@@ -138,7 +142,7 @@ def test_the_script_prints_only_the_config_table_by_default_and_writes_into_the_
 )
 def test_rank_by_lists_the_best_config_first(sweep, capsys, metric, best_first):
     load_script("summarize_sweep").main([str(sweep), "--rank-by", metric])
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| optimizer.lr=")]
+    table = config_table_rows(capsys.readouterr().out)
     assert f"scheduler={best_first} " in table[0] and len(table) == 2
 
 
@@ -200,7 +204,7 @@ def mixture_sweep(tmp_path) -> Path:
                    {"step": 20, "val/loss": pooled, "val/bpb": pooled / 3, "val/loss/web": web,
                     "val/bpb/web": web / 3, "val/loss/code.v2": code, "val/bpb/code.v2": code / 4}]  # fmt: skip
         (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        summary = completed(pooled, None, 1000.0, seed)
+        summary = completed(pooled, None, 1000.0, seed) | {"tokens": 2000}  # 100 tokens per step
         summary["data_mixture"] = {"web": {"weight": 1 - float(weight), "share": 1 - float(weight), "tokens": 1000,
                                            "passes": 0.1, "repeats": 0},
                                    "code.v2": {"weight": float(weight), "share": float(weight), "tokens": 1000,
@@ -273,7 +277,7 @@ def test_a_job_without_val_by_source_falls_back_to_the_last_values_in_metrics_js
 )  # fmt: skip
 def test_rank_by_a_source_lists_the_config_with_its_lowest_loss_first(mixture_sweep, capsys, metric, best_first):
     load_script("summarize_sweep").main([str(mixture_sweep), "--rank-by", metric])
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| data.mixture.code.weight=")]
+    table = config_table_rows(capsys.readouterr().out)
     assert len(table) == 2 and table[0].startswith(f"| data.mixture.code.weight={best_first} |")
 
 
@@ -302,8 +306,255 @@ def test_a_sweep_without_a_mixture_has_no_per_source_columns(sweep, tmp_path, ca
         "final_val_bpb", "hellaswag_acc_norm", "tokens_per_s", "error"]  # fmt: skip
 
 
+def config_table_rows(printed: str) -> list[str]:
+    """The rows of the per-config table (the verdict table after it names configs too)."""
+    section = printed.split("## Per config")[1].split("\n## ")[0]
+    return [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| config |")]
+
+
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# A grid for paired verdicts, in the order Hydra ran it: (lr, scheduler) -> final val loss of seeds 0-3
+# (None: no job folder; "diverged": a failed job). Folder names sort 1e-3 before 3e-4 and cosine before wsd.
+PAIRED = {
+    ("3e-4", "wsd"): [3.00, 3.31, 2.79, 3.10],
+    ("3e-4", "cosine"): [3.06, 3.34, None, 3.17],
+    ("1e-3", "wsd"): [2.91, 3.19, 2.72, 3.01],
+    ("1e-3", "cosine"): [2.95, 3.27, 2.77, "diverged"],
+}
+EARLIER = {("3e-4", "wsd"): 0.6, ("3e-4", "cosine"): 0.5, ("1e-3", "wsd"): 0.3, ("1e-3", "cosine"): 0.4}  # at step 10
+ENDED_EARLY = ("1e-3", "wsd", 1)  # this job completed after 10 steps (5120 tokens), the others after 20
+TOKENS_PER_STEP = 512
+LINES = ["optimizer.lr=1e-3 vs 3e-4 at scheduler=wsd", "optimizer.lr=1e-3 vs 3e-4 at scheduler=cosine",
+         "scheduler=cosine vs wsd at optimizer.lr=3e-4", "scheduler=cosine vs wsd at optimizer.lr=1e-3"]  # fmt: skip
+
+
+def paired_records(final: float, earlier: float, ended_early: bool) -> list[dict]:
+    """metrics.jsonl: validation at steps 0, 10 and 20 (final); "tokens" only on the training records."""
+    at_10 = final if ended_early else final + earlier
+    records = [{"step": 0, "val/loss": 11.0, "val/bpb": 11.0 / 3},
+               {"step": 10, "train/loss": 5.0, "tokens": 10.0 * TOKENS_PER_STEP},
+               {"step": 10, "val/loss": at_10, "val/bpb": at_10 / 3}]  # fmt: skip
+    if not ended_early:
+        end = {"step": 20, "val/loss": final, "val/bpb": final / 3, "hellaswag/acc_norm": 0.6 - final / 10}
+        records += [{"step": 20, "train/loss": 4.0, "tokens": 20.0 * TOKENS_PER_STEP}, end]
+    return records
+
+
+@pytest.fixture
+def paired_sweep(tmp_path) -> Path:
+    folder = tmp_path / "multiruns" / "2026-01-03_00-00-00_pair01"
+    jobs = [(config, seed, final) for config, finals in PAIRED.items() for seed, final in enumerate(finals)]
+    for num, ((lr, scheduler), seed, final) in enumerate(jobs):
+        if final is None:
+            continue
+        if final == "diverged":
+            summary = {"status": "diverged", "step": 10, "val_loss": None, "seed": seed, "error": "loss is nan"}
+            write_job(folder, num, lr, scheduler, seed, summary, [])
+            continue
+        ended_early = (lr, scheduler, seed) == ENDED_EARLY
+        summary = completed(final, 0.6 - final / 10, 1000.0, seed) | {"mfu": 0.4 - final / 100}
+        summary |= {"step": 10, "tokens": 5120} if ended_early else {"tokens": 10240}
+        job = write_job(folder, num, lr, scheduler, seed, summary, [])
+        records = paired_records(final, EARLIER[lr, scheduler], ended_early)
+        (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def test_jobs_that_share_a_seed_are_paired_on_the_seeds_completed_in_both(paired_sweep):
+    verdicts = compare(load_sweep(paired_sweep))
+    assert verdicts.baselines == {"optimizer.lr": "3e-4", "scheduler": "wsd"}  # first as Hydra ran them
+    assert [v.label for v in verdicts.items] == LINES
+    assert [v.seeds for v in verdicts.items] == [[0, 1, 2, 3], [0, 1], [0, 1, 3], [0, 1, 2]]
+    assert [v.left_out for v in verdicts.items] == [
+        [],
+        ["seed 2 (no job in optimizer.lr=3e-4)", "seed 3 (diverged in optimizer.lr=1e-3)"],
+        ["seed 2 (no job in scheduler=cosine)"],
+        ["seed 3 (diverged in scheduler=cosine)"],
+    ]
+    lr_at_wsd, lr_at_cosine = verdicts.items[0].comparison, verdicts.items[1].comparison
+    wsd_3e4, wsd_1e3 = PAIRED["3e-4", "wsd"], PAIRED["1e-3", "wsd"]
+    assert lr_at_wsd.n == 4 and lr_at_wsd.mean_diff == pytest.approx(statistics.fmean(
+        t - b for b, t in zip(wsd_3e4, wsd_1e3)))  # fmt: skip
+    assert lr_at_wsd.p == pytest.approx(scipy.stats.ttest_rel(wsd_1e3, wsd_3e4).pvalue)
+    assert lr_at_wsd.noise_floor == pytest.approx(statistics.stdev(wsd_3e4))
+    assert lr_at_wsd.verdict == "better"  # lower on every seed, beyond their spread
+    assert lr_at_cosine.n == 2 and lr_at_cosine.p == pytest.approx(
+        scipy.stats.ttest_rel([2.95, 3.27], [3.06, 3.34]).pvalue)  # fmt: skip
+
+
+def test_baselines_are_chosen_with_baseline_and_match_numbers(paired_sweep):
+    s = load_sweep(paired_sweep)
+    verdicts = compare(s, baselines={"scheduler": "cosine", "optimizer.lr": "0.001"})
+    assert verdicts.baselines == {"optimizer.lr": "1e-3", "scheduler": "cosine"}
+    assert [v.label for v in verdicts.items] == [
+        "optimizer.lr=3e-4 vs 1e-3 at scheduler=wsd", "optimizer.lr=3e-4 vs 1e-3 at scheduler=cosine",
+        "scheduler=wsd vs cosine at optimizer.lr=3e-4", "scheduler=wsd vs cosine at optimizer.lr=1e-3"]  # fmt: skip
+    default = compare(s).items[0].comparison
+    flipped = verdicts.items[0].comparison
+    assert flipped.mean_diff == pytest.approx(-default.mean_diff) and flipped.p == pytest.approx(default.p)
+    assert flipped.verdict == "worse" and default.verdict == "better"
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [("nope=1", "'nope' is not a swept key; swept keys: optimizer.lr, scheduler"),
+     ("scheduler=linear", "scheduler takes the values wsd, cosine")],
+)  # fmt: skip
+def test_a_baseline_that_is_not_in_the_sweep_is_one_line_and_status_2(paired_sweep, capsys, option, message):
+    with pytest.raises(SystemExit) as exit_:
+        load_script("summarize_sweep").main([str(paired_sweep), "--baseline", option])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_higher_is_better_for_accuracies_throughput_and_mfu():
+    higher = ["hellaswag_acc_norm", "hellaswag_acc", "val_acc", "accuracy", "tokens_per_s", "samples_per_s", "mfu"]
+    lower = ["final_val_loss", "final_val_loss/web", "final_val_bpb", "best_val_loss", "grad_accum", "wall_s"]
+    assert all(higher_is_better(m) for m in higher) and not any(higher_is_better(m) for m in lower)
+
+
+def test_an_accuracy_or_a_summary_key_that_rises_is_better(paired_sweep):
+    s = load_sweep(paired_sweep)
+    by_loss, by_acc, by_mfu = (compare(s, m).items[0].comparison for m in ("val_loss", "hellaswag_acc_norm", "mfu"))
+    assert by_loss.mean_diff < 0 and by_acc.mean_diff > 0 and by_mfu.mean_diff > 0  # loss down, the others up
+    assert by_acc.mean_diff == pytest.approx(-by_loss.mean_diff / 10)
+    assert by_loss.verdict == by_acc.verdict == by_mfu.verdict == "better"
+    assert compare(s, "val_bpb").metric == "final_val_bpb" and compare(s, "mfu").metric == "mfu"
+
+
+def test_an_unknown_metric_is_one_line_and_status_2(paired_sweep, capsys):
+    mistakes = [(["--metric", "nope"], "cannot compare by 'nope'"),
+                (["--metric", "mfu", "--at-tokens", "5120"], "--at-tokens reads metrics.jsonl")]  # fmt: skip
+    for options, message in mistakes:
+        with pytest.raises(SystemExit) as exit_:
+            load_script("summarize_sweep").main([str(paired_sweep), *options])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_per_source_metric_is_compared_per_source(mixture_sweep):
+    verdicts = compare(load_sweep(mixture_sweep), "val_loss/code.v2")
+    (verdict,) = verdicts.items
+    assert verdicts.metric == "final_val_loss/code.v2" and verdict.label == "data.mixture.code.weight=0.8 vs 0.2"
+    assert verdict.seeds == [0, 1] and verdict.left_out == [
+        "seed 2 (no job in data.mixture.code.weight=0.8; running in data.mixture.code.weight=0.2)"]  # fmt: skip
+    c = verdict.comparison
+    assert c.mean_diff == pytest.approx(-1.1)
+    assert c.p == pytest.approx(scipy.stats.ttest_rel([4.0, 4.2], [5.0, 5.4]).pvalue)
+    assert c.verdict == "no detectable difference"  # t = -11 with one degree of freedom: p = 0.058
+    assert verdicts.lines()[0].startswith(
+        "data.mixture.code.weight=0.8 vs 0.2: Δval_loss/code.v2 = -1.1 [-2.4, +0.2] (95% CI), p = 0.058, n = 2 — no "
+    )
+
+
+def test_value_at_is_the_point_at_x_else_the_interpolation_between_its_neighbours():
+    points = [(0.0, 11.0), (5120.0, 4.0), (10240.0, 3.0)]
+    assert value_at(points, 5120) == 4.0 and value_at(points, 0) == 11.0 and value_at(points, 10240) == 3.0
+    assert value_at(points, 7680) == pytest.approx(3.5) and value_at(points, 1280) == pytest.approx(9.25)
+    assert value_at(points, 10241) is None and value_at([], 1) is None
+
+
+def test_at_tokens_interpolates_between_validations_and_drops_a_job_that_ended_before(paired_sweep):
+    s = load_sweep(paired_sweep)
+    assert s.jobs[0].logged["val/loss"] == [(0.0, 11.0), (5120.0, 3.6), (10240.0, 3.0)]  # steps x 512 tokens
+    verdicts = compare(s, "val_loss", at_tokens=7680)  # halfway between the validations at steps 10 and 20
+    first = verdicts.items[0]
+    assert first.seeds == [0, 2, 3] and first.left_out == [
+        "seed 1 (ended before 7,680 tokens, at 5,120 in optimizer.lr=1e-3)"]  # fmt: skip
+    baseline = [PAIRED["3e-4", "wsd"][i] + 0.6 / 2 for i in (0, 2, 3)]
+    treatment = [PAIRED["1e-3", "wsd"][i] + 0.3 / 2 for i in (0, 2, 3)]
+    assert first.comparison.mean_diff == pytest.approx(statistics.fmean(t - b for b, t in zip(baseline, treatment)))
+    assert first.comparison.p == pytest.approx(scipy.stats.ttest_rel(treatment, baseline).pvalue)
+    assert verdicts.lines()[0].startswith("optimizer.lr=1e-3 vs 3e-4 at scheduler=wsd: Δval_loss at 7,680 tokens = ")
+    assert verdicts.lines()[0].endswith("; left out: seed 1 (ended before 7,680 tokens, at 5,120 in optimizer.lr=1e-3)")
+    exact = compare(s, "val_bpb", at_tokens=5120).items[0]  # the validation at step 10 itself, for every job
+    assert exact.seeds == [0, 1, 2, 3]
+    assert exact.comparison.mean_diff == pytest.approx(statistics.fmean(
+        (t + (0.3 if i != 1 else 0)) / 3 - (b + 0.6) / 3
+        for i, (b, t) in enumerate(zip(PAIRED["3e-4", "wsd"], PAIRED["1e-3", "wsd"]))))  # fmt: skip
+
+
+def test_at_tokens_works_per_source_with_the_tokens_per_step_of_summary_json(mixture_sweep):
+    verdicts = compare(load_sweep(mixture_sweep), "final_val_loss/web", at_tokens=1000)  # step 10 of 20
+    (verdict,) = verdicts.items
+    assert verdict.seeds == [0, 1] and verdict.comparison.mean_diff == pytest.approx(0.3)  # (11 + web) / 2 each
+    assert verdict.comparison.p == 0.0 and verdict.comparison.verdict == "worse"  # +0.3 on both seeds, up to rounding
+
+
+def test_the_script_prints_and_writes_the_verdicts(paired_sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    written = load_script("summarize_sweep").main([str(paired_sweep), "--out", str(out), "--by-seed"])
+    printed = capsys.readouterr().out
+    md = (out / "summary.md").read_text()
+    assert md in printed
+    verdicts = compare(load_sweep(paired_sweep))
+    assert "## Verdicts (final_val_loss, paired t-test over seeds)" in md
+    assert "(optimizer.lr=3e-4, scheduler=wsd)" in md and "(lower is better)" in md
+    for text in verdicts.lines():
+        assert f"- {text}\n" in md
+    assert verdicts.lines()[1].endswith(
+        "n = 2 — no detectable difference; left out: seed 2 (no job in optimizer.lr=3e-4), "
+        "seed 3 (diverged in optimizer.lr=1e-3)")  # fmt: skip
+    assert "| comparison | Δ | CI low | CI high | p | n | noise floor | detectable Δ | verdict |" in md
+    c = verdicts.items[0].comparison
+    row = f"| {LINES[0]} | {c.mean_diff:.4g} | {c.ci_low:.4g} | {c.ci_high:.4g} | {c.p:.3f} | 4 |"
+    assert row + f" {c.noise_floor:.4g} | {c.detectable:.4g} | better |" in md
+    rows = list(csv.DictReader((out / "verdicts.csv").open()))
+    assert [r["comparison"] for r in rows] == LINES and [r["n"] for r in rows] == ["4", "2", "3", "3"]
+    assert [r["seeds"] for r in rows] == ["0 1 2 3", "0 1", "0 1 3", "0 1 2"]
+    assert float(rows[0]["p"]) == pytest.approx(c.p)
+    assert float(rows[0]["detectable_delta"]) == pytest.approx(c.detectable)
+    assert rows[2]["left_out"] == "seed 2 (no job in scheduler=cosine)" and rows[2]["context"] == "optimizer.lr=3e-4"
+    assert (out / "verdicts.csv") in written
+
+
+def test_the_script_plots_another_metric_and_runs_the_wilcoxon_test(paired_sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    options = ["--metric", "val_bpb", "--at-tokens", "7680", "--test", "wilcoxon", "--baseline", "scheduler=cosine"]
+    written = load_script("summarize_sweep").main([str(paired_sweep), "--out", str(out), *options])
+    assert {"val_loss_vs_scheduler.png", "val_bpb_at_7680_tokens_vs_scheduler.png"} <= {p.name for p in written}
+    printed = capsys.readouterr().out
+    assert "## Verdicts (final_val_bpb at 7,680 tokens, Wilcoxon signed-rank test over seeds)" in printed
+    wsd_vs_cosine = [line for line in printed.splitlines() if line.startswith("- scheduler=wsd vs cosine at")]
+    assert "(Wilcoxon), n = 3 — " in wsd_vs_cosine[0] and "seed 2 (no job in scheduler=cosine)" in wsd_vs_cosine[0]
+    assert "(Wilcoxon), n = 2 — " in wsd_vs_cosine[1] and wsd_vs_cosine[1].endswith(
+        "left out: seed 1 (ended before 7,680 tokens, at 5,120 in scheduler=wsd), seed 3 (diverged in scheduler=cosine)"
+    )
+    rows = list(csv.DictReader((out / "verdicts.csv").open()))
+    assert {r["test"] for r in rows} == {"wilcoxon"} and {r["at_tokens"] for r in rows} == {"7680"}
+    for metric, name in [("val_bpb", "val_bpb"), ("hellaswag_acc_norm", "hellaswag_acc_norm"), ("mfu", "mfu")]:
+        written = load_script("summarize_sweep").main([str(paired_sweep), "--out", str(out), "--metric", metric])
+        assert f"{name}_vs_optimizer.lr.png" in {p.name for p in written}
+
+
+def test_one_seed_is_no_test_and_no_swept_key_is_no_verdict(paired_sweep, capsys):
+    for job in paired_sweep.glob("*/seed=*"):
+        if job.name != "seed=0":
+            shutil.rmtree(job)
+    load_script("summarize_sweep").main([str(paired_sweep)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0] for line in lines] == [f"- {label}" for label in LINES]
+    assert all(line.endswith(", n = 1 — no test possible with one seed") for line in lines)
+    one_config = paired_sweep / "optimizer.lr=3e-4,scheduler=wsd"
+    write_job(paired_sweep, 1, "3e-4", "wsd", 1, completed(3.31, None, 1000.0, 1), [(0, 11.0), (20, 3.31)])
+    load_script("summarize_sweep").main([str(one_config)])  # two jobs that differ in their seed alone
+    printed = capsys.readouterr().out
+    assert "2 jobs: 2 completed" in printed and "Verdicts" not in printed
+    assert (one_config / "verdicts.csv").read_text().startswith("comparison,key,value,baseline,")
+    assert len((one_config / "verdicts.csv").read_text().splitlines()) == 1
+
+
+def test_the_error_bars_are_95_percent_confidence_intervals_over_seeds(paired_sweep):
+    ax = plot_vs_key(load_sweep(paired_sweep), "scheduler").axes[0]
+    bars = {}
+    for container in ax.containers:
+        for (x, low), (_, high) in container.lines[2][0].get_segments():
+            bars[round(float(x), 6), round((low + high) / 2, 6)] = (high - low) / 2
+    wsd = PAIRED["3e-4", "wsd"]
+    half = scipy.stats.t.ppf(0.975, 3) * statistics.stdev(wsd) / math.sqrt(4)
+    first_series = [half_width for (x, mean), half_width in bars.items() if mean == round(statistics.fmean(wsd), 6)]
+    assert first_series == [pytest.approx(half)]

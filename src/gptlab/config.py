@@ -140,7 +140,7 @@ class NoLoggerConfig(LoggerConfig):
 class TrainerConfig:
     accelerator: str = knob("auto", one_of("auto", "cpu", "gpu", "cuda", "mps"))
     devices: int = knob(1, at_least(1))  # devices per node
-    max_steps: Optional[int] = knob(None, optional(at_least(1)))  # the budget in optimizer steps (or max_tokens)
+    max_steps: Optional[int] = knob(None, optional(at_least(1)))  # the budget in optimizer steps (see BUDGET_KEYS)
     log_every_n_steps: int = knob(1, at_least(1))  # how often metrics reach the loggers
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower)
     detect_anomaly: bool = False  # autograd anomaly detection: a NaN/Inf backward names its forward op (slow)
@@ -159,7 +159,10 @@ class PathsConfig:
 class TrainConfig:
     seed: int = knob(1337, non_negative)  # seeds Python, NumPy, torch and the data order; 0 is valid
     global_batch_tokens: int = knob(4096, positive)  # tokens per optimizer step, across devices and micro-steps
-    max_tokens: Optional[int] = knob(196608, optional(positive))  # budget in tokens (48 steps); or trainer.max_steps
+    # the budget: one of BUDGET_KEYS (the others null), each rounded down to whole steps of global_batch_tokens
+    max_tokens: Optional[int] = knob(196608, optional(positive))  # in tokens (48 steps)
+    tokens_per_param: Optional[float] = knob(None, optional(positive))  # D = ratio x N (Chinchilla-optimal: ~20)
+    flops: Optional[float] = knob(None, optional(positive))  # training FLOPs C: D = C / FLOPs per token (6N + 12LHQT)
     grad_clip: float = knob(1.0, non_negative)  # clip the global gradient norm to this; 0 disables clipping
     # NaN/Inf loss or gradients: stop (error naming the step) | skip (drop the update; counted as nan_skipped)
     on_nan: str = knob("stop", one_of("stop", "skip"))
@@ -180,7 +183,7 @@ class TrainConfig:
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)  # conf/train.yaml starts from it
 UNION_GROUPS = ("optimizer", "scheduler", "distributed", "logger")  # options with different fields: see @option
-BUDGET_KEYS = ("max_tokens", "trainer.max_steps")
+BUDGET_KEYS = ("max_tokens", "trainer.max_steps", "tokens_per_param", "flops")
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,9 @@ class RunPlan:
     grad_accum: int  # micro-steps per optimizer step
     total_steps: int
     tokens_per_step: int
-    budget: str = ""  # the key that set total_steps and where it came from, e.g. "trainer.max_steps=500 (command line)"
+    # the key that set total_steps, where it came from, and what it resolved to, e.g. "trainer.max_steps=500 (command
+    # line)" or "tokens_per_param=20 (config) -> 1,234,560 tokens (N = 61,728 parameters)"
+    budget: str = ""
 
     @property
     def total_tokens(self) -> int:
@@ -272,36 +277,87 @@ def validate(cfg: TrainConfig, command_line: Sequence[str] = ()) -> tuple[TrainC
 
 
 def _budget(cfg: TrainConfig, command_line: Sequence[str]) -> tuple[TrainConfig, int, str]:
-    """One budget: max_tokens or trainer.max_steps. The one given on the command line wins; otherwise the config
-    must set exactly one. Returns the config with the other set to null, the optimizer steps, and which key set
-    them from where, e.g. "trainer.max_steps=500 (command line)"."""
-    values = {"max_tokens": cfg.max_tokens, "trainer.max_steps": cfg.trainer.max_steps}
+    """One budget, one of BUDGET_KEYS. The one given on the command line wins; otherwise the config must set exactly
+    one. Returns the config with the others set to null, the optimizer steps, and which key set them from where
+    (and what it came to), e.g. "trainer.max_steps=500 (command line)"."""
+    values = {
+        "max_tokens": cfg.max_tokens,
+        "trainer.max_steps": cfg.trainer.max_steps,
+        "tokens_per_param": cfg.tokens_per_param,
+        "flops": cfg.flops,
+    }
     on_command_line = _keys_set(command_line)
     given = [key for key in BUDGET_KEYS if key in on_command_line and values[key] is not None]
-    require(
-        len(given) < 2,
-        "trainer.max_steps",
-        f"and max_tokens are both on the command line ({values['trainer.max_steps']} steps, "
-        f"{values['max_tokens']} tokens): give one of them, the budget is in steps or in tokens",
-    )
+    if len(given) > 1:
+        raise ConfigError(
+            given[-1],
+            f"and {_and(given[:-1])} are {_both(given)} on the command line ({_listed(values, given)}): give one of "
+            f"them, the budget is one of {', '.join(BUDGET_KEYS)}",
+        )
     in_config = [key for key in BUDGET_KEYS if values[key] is not None]
-    require(in_config != [], "max_tokens", "no budget: set max_tokens=<tokens> or trainer.max_steps=<steps>")
     require(
-        given != [] or len(in_config) == 1,
-        "trainer.max_steps",
-        f"and max_tokens both set a budget in the config ({values['trainer.max_steps']} steps, "
-        f"{values['max_tokens']} tokens): set one of them to null, or give the one you want on the command line",
-    )
-    key, source = (given[0], "command line") if given else (in_config[0], "config")
-    if key == "trainer.max_steps":
-        return dataclasses.replace(cfg, max_tokens=None), cfg.trainer.max_steps, f"{key}={values[key]} ({source})"
-    require(
-        cfg.max_tokens >= cfg.global_batch_tokens,
+        in_config != [],
         "max_tokens",
-        f"must be at least one step of global_batch_tokens={cfg.global_batch_tokens} (got {cfg.max_tokens})",
+        "no budget: set max_tokens=<tokens> or trainer.max_steps=<steps> (or tokens_per_param=<tokens per parameter>"
+        ", flops=<training FLOPs>)",
     )
-    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=None))
-    return cfg, cfg.max_tokens // cfg.global_batch_tokens, f"{key}={values[key]} ({source})"
+    if not given and len(in_config) > 1:
+        raise ConfigError(
+            in_config[-1],
+            f"and {_and(in_config[:-1])} {_both(in_config)} set a budget in the config ({_listed(values, in_config)})"
+            ": set all but one of them to null, or give the one you want on the command line",
+        )
+    key, source = (given[0], "command line") if given else (in_config[0], "config")
+    cfg = dataclasses.replace(
+        cfg,
+        **{k: values[k] if k == key else None for k in ("max_tokens", "tokens_per_param", "flops")},
+        trainer=dataclasses.replace(cfg.trainer, max_steps=values[key] if key == "trainer.max_steps" else None),
+    )
+    if key == "trainer.max_steps":
+        return cfg, cfg.trainer.max_steps, f"{key}={values[key]} ({source})"
+    tokens, resolved = _budget_tokens(cfg, key)
+    batch = cfg.global_batch_tokens
+    require(
+        tokens >= batch,
+        key,
+        f"must come to at least one step of global_batch_tokens={batch} (got {key}={_number(values[key])}{resolved})",
+    )
+    return cfg, tokens // batch, f"{key}={_number(values[key])} ({source}){resolved}"
+
+
+def _budget_tokens(cfg: TrainConfig, key: str) -> tuple[int, str]:
+    """The tokens a budget in tokens, tokens per parameter or FLOPs comes to, and for the last two how (" -> ...").
+    N and FLOPs per token are gptlab.flops' (it loads torch: imported only for these two budgets). N is every
+    parameter but the position embedding, the N of the FLOP count (a lookup costs no FLOPs; the token embedding
+    stays, as it is also the output head), so that D = C / (6N + attention) and D / N speak of the same N."""
+    if key == "max_tokens":
+        return cfg.max_tokens, ""
+    from gptlab.flops import flops_per_token, non_embedding_params
+
+    n = non_embedding_params(cfg.model)
+    if key == "tokens_per_param":
+        tokens = int(cfg.tokens_per_param * n)
+        return tokens, f" -> {tokens:,} tokens (N = {n:,} parameters)"
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+    tokens = int(cfg.flops // per_token)
+    return tokens, f" -> {tokens:,} tokens ({per_token:,} FLOPs per token = 6N + 12LHQT, N = {n:,} parameters)"
+
+
+def _and(keys: list[str]) -> str:
+    return " and ".join(keys)
+
+
+def _both(keys: list[str]) -> str:
+    return "both" if len(keys) == 2 else "all"
+
+
+def _listed(values: dict, keys: list[str]) -> str:
+    return ", ".join(f"{key}={_number(values[key])}" for key in keys)
+
+
+def _number(value: int | float) -> str:
+    """As the user would type it: 196608, 20, 1e+15."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _keys_set(overrides: Sequence[str]) -> set[str]:

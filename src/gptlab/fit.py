@@ -130,6 +130,11 @@ def _architecture(m) -> str:
     return ", ".join(parts)
 
 
+def _depth(m) -> str:
+    """How the sizes were set, where the depth dial set them."""
+    return "" if m.depth is None else f" (depth {m.depth}, aspect ratio {m.aspect_ratio}, head_dim {m.head_dim})"
+
+
 def _parallelism(cfg: TrainConfig) -> str:
     d = cfg.distributed
     nodes = f" on {d.num_nodes} nodes" if d.num_nodes > 1 else ""
@@ -162,7 +167,8 @@ def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, r
     rows = [
         f"model      {model_name}: {module.model.num_params() / 1e6:.2f}M parameters "
         f"({module.model.num_params(non_embedding=True) / 1e6:.2f}M without position embeddings), "
-        f"{cfg.model.n_layer} layers, {cfg.model.n_head} heads, d={cfg.model.n_embd}, vocab {cfg.model.vocab_size}",
+        f"{cfg.model.n_layer} layers, {cfg.model.n_head} heads, d={cfg.model.n_embd}, vocab {cfg.model.vocab_size}"
+        f"{_depth(cfg.model)}",
         f"           {_architecture(cfg.model)}",
         f"batch      {plan.tokens_per_step:,} tokens/step = micro-batch {d.micro_batch_size} x seq {d.seq_len} "
         f"x {plan.world_size} device(s) x {plan.grad_accum} accumulation step(s)",

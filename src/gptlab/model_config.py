@@ -5,6 +5,9 @@ The defaults are GPT-2 small; conf/model/<size>.yaml states only what differs.
 
 A checkpoint keeps this config on its own (`gpt_config`, versioned), so the eval, sample and export scripts
 and a resumed run rebuild the GPT through these rules alone, whatever the training rules of the day.
+
+The `depth` dial sizes a model family from one integer, as nanochat does (conf/model/depth.yaml):
+n_layer = depth, n_head = ceil(depth x aspect_ratio / head_dim), n_embd = n_head x head_dim.
 """
 
 from dataclasses import asdict, dataclass
@@ -15,7 +18,8 @@ from gptlab.schema import at_least, in_range, knob, load, non_negative, one_of, 
 
 GPT_CONFIG_KEY = "gpt_config"  # in a checkpoint: the model's config on its own (gpt_config_record)
 GPT2_VOCAB = 50257  # ids the GPT-2 tokenizer can produce; the model's vocab_size must cover them
-VERSION = 2  # of the record a checkpoint keeps: bump it, and migrate in gpt_config_from_record, if a field changes
+VERSION = 3  # of the record a checkpoint keeps: bump it, and migrate in gpt_config_from_record, if a field changes
+# (3 added depth, aspect_ratio and head_dim: older records lack them and read as depth null, their sizes as recorded)
 LEGACY_VERSION = 0  # checkpoints written before the record existed: the same fields, in hyper_parameters.config.model
 
 probability = in_range(0, 1, "[)")  # of a dropout, or label smoothing
@@ -25,9 +29,14 @@ probability = in_range(0, 1, "[)")  # of a dropout, or label smoothing
 class GPTConfig:
     block_size: int = knob(1024, at_least(1))  # longest sequence the position embedding covers
     vocab_size: int = knob(50304, at_least(GPT2_VOCAB))  # GPT-2's 50257 tokens padded to a multiple of 64
-    n_layer: int = knob(12, at_least(1))
-    n_head: int = knob(12, at_least(1))
-    n_embd: int = knob(768, at_least(1))  # d_model; a multiple of n_head
+    n_layer: Optional[int] = knob(12, optional(at_least(1)))  # null: set by depth
+    n_head: Optional[int] = knob(12, optional(at_least(1)))  # null: set by depth
+    n_embd: Optional[int] = knob(768, optional(at_least(1)))  # d_model, a multiple of n_head; null: set by depth
+    # size from one number (nanochat's --depth): n_layer = depth, n_head = ceil(depth x aspect_ratio / head_dim),
+    # n_embd = n_head x head_dim; n_layer, n_head and n_embd left null take these values (see depth_sizes)
+    depth: Optional[int] = knob(None, optional(at_least(1)))  # null: the sizes are n_layer, n_head, n_embd as given
+    aspect_ratio: int = knob(64, at_least(1))  # with depth: width per layer, n_embd ~ depth x 64 (nanochat's)
+    head_dim: int = knob(128, at_least(1))  # with depth: the width of every head (nanochat's 128; GPT-2's is 64)
     # architecture
     # pre: x + f(norm(x)), GPT-2 | post: norm(x + f(x)), the original Transformer (no final norm)
     norm_position: str = knob("pre", one_of("pre", "post"))
@@ -67,6 +76,15 @@ class GPTConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     compile: bool = False  # torch.compile the model (training, validation, HellaSwag)
 
+    def __post_init__(self):
+        """Sizes left null take depth's values here, so that every way a GPTConfig is made (Hydra, code, a
+        checkpoint's record) builds the same model; check() rejects a size that disagrees with depth."""
+        if self.depth is None or min(self.depth, self.aspect_ratio, self.head_dim) < 1:  # check() reports those
+            return
+        for name, value in depth_sizes(self.depth, self.aspect_ratio, self.head_dim).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
@@ -91,6 +109,7 @@ class GPTConfig:
         return -(-int(8 * self.n_embd / 3) // self.multiple_of) * self.multiple_of
 
     def check(self) -> None:
+        self._check_sizes()
         require(
             self.n_embd % self.n_head == 0,
             "n_embd",
@@ -122,6 +141,37 @@ class GPTConfig:
             "document_positions",
             "needs positions to restart: model.position is none",
         )
+
+    def _check_sizes(self) -> None:
+        """Each size is given (depth null) or agrees with depth (null in the config, or the same number)."""
+        sizes = {"n_layer": self.n_layer, "n_head": self.n_head, "n_embd": self.n_embd}
+        if self.depth is None:
+            for name, value in sizes.items():
+                require(value is not None, name, "is null: give it, or set depth to size the model from one number")
+            return
+        derived = depth_sizes(self.depth, self.aspect_ratio, self.head_dim)
+        wrong = [name for name, value in sizes.items() if value != derived[name]]
+        require(
+            not wrong,
+            wrong[0] if wrong else "",
+            f"depth={self.depth} sets {_listed(derived, wrong)}, not {_listed(sizes, wrong)} (n_layer = depth, "
+            "n_head = ceil(depth x aspect_ratio / head_dim), n_embd = n_head x head_dim): set "
+            f"{', '.join(wrong)} to null, as model=depth does, or depth to null",
+        )
+
+
+def _listed(values: dict, names: list[str]) -> str:
+    return ", ".join(f"{name}={values[name]}" for name in names)
+
+
+def depth_sizes(depth: int, aspect_ratio: int, head_dim: int) -> dict[str, int]:
+    """n_layer, n_head and n_embd of the model `depth` sizes, as nanochat's scripts/base_train.py (build_model_meta,
+    github.com/karpathy/nanochat) does: width depth x aspect_ratio, rounded up to whole heads of head_dim, so every
+    head is head_dim wide. nanochat's first release kept the width at depth x aspect_ratio, with max(1, ceil(width
+    / head_dim)) heads: the same whenever head_dim divides the width (every even depth at 64 and 128), and heads
+    that do not divide the width otherwise (depth 5: 320 / 3)."""
+    n_head = -(-depth * aspect_ratio // head_dim)  # ceil
+    return {"n_layer": depth, "n_head": n_head, "n_embd": n_head * head_dim}
 
 
 # Fields that change neither the weights' shapes nor the function they compute: a resumed run may change them.

@@ -11,8 +11,15 @@ The metrics are METRICS, plus, in a sweep of data mixtures (data.mixture), each 
 `final_val_loss/<source>` ("val loss <source>" in the tables) and `final_val_bpb/<source>` (CSV only, to keep the
 tables readable), from summary.json's val_by_source, else the last val/loss/<source> (val/bpb/<source>) of
 metrics.jsonl. Sweep.metrics lists a sweep's; a sweep without a mixture has METRICS alone.
+
+Values of a job (`seed_value`): a metric's final value, or its value at a token count, read from metrics.jsonl:
+the validation record at exactly that many tokens, else the linear interpolation between the two around it (see
+value_at); a job that ended before has no value there. Higher is better for HIGHER_IS_BETTER, every hellaswag_* and
+every *acc* metric (acc as a word: hellaswag_acc, val_acc, accuracy; not grad_accum), lower for the others.
+Paired verdicts over seeds: gptlab.sweep_verdicts, which builds on this module.
 """
 
+import bisect
 import csv
 import dataclasses
 import json
@@ -23,12 +30,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gptlab.errors import UserInputError
+from gptlab.verdict import ci_half_width
+
+if TYPE_CHECKING:  # gptlab.sweep_verdicts builds on this module; summary.md and write_summary include its verdicts
+    from gptlab.sweep_verdicts import Verdicts
 
 STALE_S = 30 * 60  # a job with no summary.json and no file written for this long is "unknown", not "running"
 METRICS = {  # summary column -> header
@@ -39,10 +51,14 @@ METRICS = {  # summary column -> header
     "tokens_per_s": "tokens/s",
 }
 DIGITS = {"final_val_loss": 4, "best_val_loss": 4, "final_val_bpb": 4, "hellaswag_acc_norm": 4, "tokens_per_s": 0}
-HIGHER_IS_BETTER = {"hellaswag_acc_norm", "tokens_per_s"}  # the others (per source too): lower is better
+HIGHER_IS_BETTER = {"hellaswag_acc_norm", "tokens_per_s", "samples_per_s", "mfu"}  # and see higher_is_better
+ACCURACY = re.compile(r"(^|_)acc(uracy)?(_|$)")  # acc as a word: hellaswag_acc, val_acc, accuracy; not grad_accum
 SOURCE_METRICS = {"final_val_loss": "val loss", "final_val_bpb": "val bpb"}  # <column>/<source> -> "<header> <source>"
 SOURCE_IN_TABLES = {"final_val_loss"}  # per-source bpb is in the CSVs only, to keep the markdown tables readable
 SOURCE_KEY = re.compile(r"val/(loss|bpb)/([A-Za-z0-9_.-]+)")  # a mixture source's metric in metrics.jsonl
+METRIC_ALIASES = {"val_loss": "final_val_loss", "val_bpb": "final_val_bpb"}  # --metric names for short
+LOGGED = {"final_val_loss": "val/loss", "final_val_bpb": "val/bpb", "hellaswag_acc_norm": "hellaswag/acc_norm"}
+LOGGED_KEY = re.compile(r"(val|hellaswag)/.+")  # the metrics.jsonl keys a Job keeps by token count
 
 
 @dataclass
@@ -61,14 +77,21 @@ class Job:
     by_source: dict[str, float] = field(default_factory=dict)  # e.g. "final_val_loss/<source>" -> value
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val loss)
     num: int | None = None  # Hydra's job number: the sweep's own order
+    summary: dict = field(default_factory=dict, repr=False)  # summary.json as written
+    logged: dict[str, list[tuple[float, float]]] = field(default_factory=dict, repr=False)  # see _logged_by_tokens
 
     @property
     def completed(self) -> bool:
         return self.status == "completed"
 
     def value(self, metric: str) -> float | None:
-        """A metric of METRICS, or a per-source one (`final_val_loss/<source>`)."""
-        return self.by_source.get(metric) if "/" in metric else getattr(self, metric)
+        """A metric of METRICS, a per-source one (`final_val_loss/<source>`), or a numeric key of summary.json."""
+        if "/" in metric:
+            return self.by_source.get(metric)
+        if metric in METRICS:
+            return getattr(self, metric)
+        value = self.summary.get(metric)
+        return float(value) if _finite(value) and not isinstance(value, bool) else None
 
 
 @dataclass
@@ -159,7 +182,7 @@ def read_job(folder: Path, sweep: Path, now: float, stale_s: float = STALE_S) ->
     job = Job(
         name=str(folder.relative_to(sweep)) if folder != sweep else folder.name,
         overrides=overrides,
-        seed=_first(summary.get("seed"), _config_seed(folder), seed_override),
+        seed=_first(summary.get("seed"), _config_seed(folder), _int_or_none(seed_override)),
         status=summary.get("status") or ("running" if _last_write(folder) > now - stale_s else "unknown"),
         error=summary.get("error"),
         step=_first(summary.get("step"), records[-1].get("step") if records else None),
@@ -171,6 +194,8 @@ def read_job(folder: Path, sweep: Path, now: float, stale_s: float = STALE_S) ->
         by_source=_by_source(summary, records),
         curve=curve,
         num=_job_num(folder),
+        summary=summary,
+        logged=_logged_by_tokens(records, summary),
     )
     if job.status == "running" and summary and _last_write(folder) <= now - stale_s:
         job.status = "unknown"  # a summary written at start says "running", but nothing moved for a long time
@@ -191,6 +216,35 @@ def _by_source(summary: dict, records: list[dict]) -> dict[str, float]:
             if f"final_val_{key}" in SOURCE_METRICS and isinstance(value, (int, float)):
                 found[f"final_val_{key}/{source}"] = float(value)
     return found
+
+
+def _logged_by_tokens(records: list[dict], summary: dict) -> dict[str, list[tuple[float, float]]]:
+    """Each validation metric of metrics.jsonl (val/..., hellaswag/...) as (tokens, value) points in token order.
+    Validation records carry "step" alone: they are placed at step x tokens per step (which is constant)."""
+    per_step = _tokens_per_step(records, summary)
+    by_key: dict[str, dict[float, float]] = {}
+    for record in records:
+        tokens = _record_tokens(record, per_step)
+        for key, value in record.items():
+            if tokens is not None and LOGGED_KEY.fullmatch(key) and _finite(value):
+                by_key.setdefault(key, {})[tokens] = float(value)  # a step logged twice: the last value
+    return {key: sorted(points.items()) for key, points in by_key.items()}
+
+
+def _record_tokens(record: dict, per_step: float | None) -> float | None:
+    """The training tokens a record was logged at: its "tokens", else step x tokens per step."""
+    if _finite(record.get("tokens")):
+        return float(record["tokens"])
+    return float(record["step"] * per_step) if per_step is not None and _finite(record["step"]) else None
+
+
+def _tokens_per_step(records: list[dict], summary: dict) -> float | None:
+    """tokens / step of the first training record that logs both, else of summary.json."""
+    for source in [*records, summary]:
+        tokens, step = source.get("tokens"), source.get("step")
+        if _finite(tokens) and _finite(step) and step > 0:
+            return tokens / step
+    return None
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -232,6 +286,14 @@ def _config_seed(folder: Path) -> int | None:
     path = folder / ".hydra" / "config.yaml"
     seed = (yaml.safe_load(path.read_text()) or {}).get("seed") if path.is_file() else None
     return seed if isinstance(seed, int) else None
+
+
+def _int_or_none(text: str | None) -> int | None:
+    """A seed given on the command line ("seed=3") as the int the other sources give."""
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def _job_num(folder: Path) -> int | None:
@@ -280,6 +342,63 @@ def group_configs(jobs: list[Job], swept: list[str]) -> list[Config]:
     return list(configs.values())
 
 
+# --- values of a job: a metric, final or at a token count -------------------------------------------------
+
+
+def metric_column(metric: str) -> str:
+    """The column a --metric names: val_loss -> final_val_loss, val_bpb -> final_val_bpb (per source too)."""
+    head, slash, source = metric.partition("/")
+    return METRIC_ALIASES.get(head, head) + slash + source
+
+
+def higher_is_better(metric: str) -> bool:
+    """HIGHER_IS_BETTER, hellaswag_* and *acc* metrics (see ACCURACY) are better higher; the others lower."""
+    name = metric.split("/")[0]
+    return name in HIGHER_IS_BETTER or name.startswith("hellaswag_") or bool(ACCURACY.search(name))
+
+
+def logged_key(column: str) -> str | None:
+    """The metrics.jsonl key of a column (final_val_loss -> val/loss, final_val_bpb/<s> -> val/bpb/<s>), or None."""
+    head, _, source = column.partition("/")
+    if head not in LOGGED or (source and head not in SOURCE_METRICS):
+        return None
+    return f"{LOGGED[head]}/{source}" if source else LOGGED[head]
+
+
+def seed_value(job: Job | None, metric: str, at_tokens: int | None = None) -> tuple[float | None, str]:
+    """A job's value of the metric (at `at_tokens` tokens, or final), or None and why it has none."""
+    if job is None:
+        return None, "no job"
+    if not job.completed:
+        return None, job.status
+    if at_tokens is None:
+        return job.value(metric), f"no {metric}"
+    key = logged_key(metric)
+    points = job.logged.get(key, [])
+    if points and points[-1][0] < at_tokens:
+        return None, f"ended before {at_tokens:,} tokens, at {points[-1][0]:,.0f}"
+    return value_at(points, at_tokens), f"no {key} at {at_tokens:,} tokens"
+
+
+def seed_values(config: Config, metric: str, at_tokens: int | None = None) -> list[float]:
+    """The metric of each completed job of a config that has it."""
+    values = (seed_value(job, metric, at_tokens)[0] for job in config.jobs if job.completed)
+    return [v for v in values if v is not None]
+
+
+def value_at(points: list[tuple[float, float]], x: float) -> float | None:
+    """The value at x of points (x, value) in x order: a point's value at exactly x, else the linear interpolation
+    between the points on either side; None outside the points."""
+    if not points or not points[0][0] <= x <= points[-1][0]:
+        return None
+    i = bisect.bisect_left(points, x, key=lambda point: point[0])
+    (x1, y1) = points[i]
+    if x1 == x:
+        return y1
+    (x0, y0) = points[i - 1]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
 # --- tables -------------------------------------------------------------------------------------------------
 
 
@@ -308,7 +427,7 @@ def ranked(sweep: Sweep, metric: str) -> Sweep:
     """The sweep with its configs best first by the mean of `metric` (configs without it last)."""
     if metric not in sweep.metrics:
         raise UserInputError(f"cannot rank by {metric!r}: one of {', '.join(sweep.metrics)}")
-    sign = -1 if metric in HIGHER_IS_BETTER else 1
+    sign = -1 if higher_is_better(metric) else 1
 
     def key(config: Config) -> tuple:
         mean = config.stats(metric)[0]
@@ -317,7 +436,8 @@ def ranked(sweep: Sweep, metric: str) -> Sweep:
     return dataclasses.replace(sweep, configs=sorted(sweep.configs, key=key))
 
 
-def markdown(sweep: Sweep, by_seed: bool = True, by_config: bool = True) -> str:
+def markdown(sweep: Sweep, by_seed: bool = True, by_config: bool = True, verdicts: "Verdicts | None" = None) -> str:
+    """The tables; with `verdicts` (of a sweep with a swept key), the Verdicts section last."""
     n = len(sweep.jobs)
     done = sum(j.completed for j in sweep.jobs)
     counts = f"{n} jobs: {done} completed, {n - done} not completed (left out of means)."
@@ -328,6 +448,10 @@ def markdown(sweep: Sweep, by_seed: bool = True, by_config: bool = True) -> str:
         lines += ["", "## Per config (mean ± std over completed seeds)", "", *_config_table(sweep)]
     if by_seed:
         lines += ["", "## Per job", "", *_job_table(sweep)]
+    if verdicts is not None and sweep.swept:
+        from gptlab.sweep_verdicts import verdict_section
+
+        lines += ["", *verdict_section(verdicts)]
     return "\n".join(lines) + "\n"
 
 
@@ -337,7 +461,7 @@ def _config_table(sweep: Sweep) -> list[str]:
     for c in sweep.configs:
         cells = [_fmt_mean_std(*c.stats(m)[:2], _digits(m)) for m in sweep.shown]
         rows.append([c.label, str(c.n_seeds), *cells, c.status])
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def _job_table(sweep: Sweep) -> list[str]:
@@ -347,14 +471,14 @@ def _job_table(sweep: Sweep) -> list[str]:
          _short(j.error)]
         for c in sweep.configs for j in c.jobs
     ]  # fmt: skip
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def _digits(metric: str) -> int:
     return DIGITS[metric.split("/")[0]]  # a per-source column as its pooled one
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
@@ -376,9 +500,9 @@ def _short(text: str | None, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    """Empty cells for missing values, so pandas reads NaN."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+def write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) -> None:
+    """Empty cells for missing values, so pandas reads NaN. Columns: those given, else the rows' keys."""
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
@@ -422,8 +546,9 @@ def plot_curves(sweep: Sweep) -> Figure:
     return fig
 
 
-def plot_vs_key(sweep: Sweep, key: str, metric: str = "final_val_loss") -> Figure:
-    """The metric vs one swept key: mean ± std per config, each seed a dot; one series per value of the
+def plot_vs_key(sweep: Sweep, key: str, metric: str = "final_val_loss", at_tokens: int | None = None) -> Figure:
+    """The metric (at `at_tokens` tokens, or final) vs one swept key: per config the mean over completed seeds
+    with its 95% CI (the t interval, n - 1 dof; no bar for one seed), each seed a dot; one series per value of the
     other swept keys. Numeric values on a numeric axis (log when they span 100x), others as categories."""
     fig, ax = _figure()
     values = list(dict.fromkeys(c.values[key] for c in sweep.configs))
@@ -437,16 +562,16 @@ def plot_vs_key(sweep: Sweep, key: str, metric: str = "final_val_loss") -> Figur
     for i, (rest, configs) in enumerate(series.items()):
         configs = sorted(configs, key=lambda c: position[c.values[key]])
         offset = 0 if numbers else (i - (len(series) - 1) / 2) * width
-        xs, means, stds = [], [], []
+        xs, means, errors = [], [], []
         for config in configs:
             x = position[config.values[key]] + offset
-            mean, std, _ = config.stats(metric)
-            seeds = [j.value(metric) for j in config.jobs if j.completed and j.value(metric) is not None]
+            seeds = seed_values(config, metric, at_tokens)
             ax.scatter([x] * len(seeds), seeds, color=f"C{i % 10}", s=12, alpha=0.5)
-            if mean is not None:
-                xs.append(x), means.append(mean), stds.append(std or 0.0)
+            if seeds:
+                xs.append(x), means.append(statistics.fmean(seeds))
+                errors.append(ci_half_width(seeds) if len(seeds) > 1 else 0.0)
         if xs:
-            ax.errorbar(xs, means, yerr=stds, color=f"C{i % 10}", marker="o", capsize=3,
+            ax.errorbar(xs, means, yerr=errors, color=f"C{i % 10}", marker="o", capsize=3,
                         linestyle="-" if numbers else "none", label=rest or None)  # fmt: skip
     if numbers:
         xs = list(numbers.values())
@@ -454,9 +579,10 @@ def plot_vs_key(sweep: Sweep, key: str, metric: str = "final_val_loss") -> Figur
             ax.set_xscale("log")
     else:
         ax.set_xticks(range(len(values)), values)
+    name = sweep.metrics.get(metric, metric) + ("" if at_tokens is None else f" at {at_tokens:,} tokens")
     ax.set_xlabel(key)
-    ax.set_ylabel(sweep.metrics.get(metric, metric))
-    ax.set_title(f"{sweep.metrics.get(metric, metric)} vs {key} (mean ± std over completed seeds)", fontsize=9)
+    ax.set_ylabel(name)
+    ax.set_title(f"{name} vs {key} (mean ± 95% CI over completed seeds)", fontsize=9)
     if len(series) > 1:
         _legend(ax)
     return fig
@@ -468,6 +594,11 @@ def _as_numbers(values: list[str]) -> dict[str, float] | None:
     except ValueError:
         return None
     return numbers if all(math.isfinite(x) for x in numbers.values()) else None
+
+
+def as_number(text: str) -> float | None:
+    numbers = _as_numbers([text])
+    return numbers[text] if numbers else None
 
 
 def _figure():
@@ -484,20 +615,36 @@ def _legend(ax) -> None:
 # --- everything at once -------------------------------------------------------------------------------------
 
 
-def write_summary(sweep: Sweep, out: Path) -> list[Path]:
-    """summary.md (both tables), summary.csv (per config), jobs.csv (per job) and the PNGs, into `out`."""
+def write_summary(sweep: Sweep, out: Path, verdicts: "Verdicts | None" = None) -> list[Path]:
+    """summary.md (both tables and the verdicts), summary.csv (per config), jobs.csv (per job), verdicts.csv and
+    the PNGs, into `out`. Verdicts: those given, else compare(sweep)'s (final val loss, paired t-test)."""
+    from gptlab.sweep_verdicts import VERDICT_COLUMNS, compare, verdict_rows
+
+    verdicts = compare(sweep) if verdicts is None else verdicts
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(markdown(sweep))
+    (out / "summary.md").write_text(markdown(sweep, verdicts=verdicts))
     write_csv(config_rows(sweep), out / "summary.csv")
     write_csv(job_rows(sweep), out / "jobs.csv")
-    figures: dict[str, Callable[[], Figure]] = {"val_loss_curves.png": lambda: plot_curves(sweep)}
-    for key in sweep.swept:
-        figures[f"val_loss_vs_{_file_safe(key)}.png"] = lambda key=key: plot_vs_key(sweep, key)
+    write_csv(verdict_rows(verdicts), out / "verdicts.csv", VERDICT_COLUMNS)
+    figures = _figures(sweep, verdicts)
     for name, make in figures.items():
         fig = make()
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
-    return [out / "summary.md", out / "summary.csv", out / "jobs.csv", *(out / name for name in figures)]
+    tables = ["summary.md", "summary.csv", "jobs.csv", "verdicts.csv"]
+    return [out / name for name in [*tables, *figures]]
+
+
+def _figures(sweep: Sweep, verdicts: "Verdicts") -> dict[str, Callable[[], Figure]]:
+    """PNG name -> its plot: the curves, val_loss_vs_<key> per swept key, and <metric>_vs_<key> for a verdict
+    metric other than the final val loss (e.g. val_bpb_vs_<key>, val_loss_at_<N>_tokens_vs_<key>)."""
+    figures: dict[str, Callable[[], Figure]] = {"val_loss_curves.png": lambda: plot_curves(sweep)}
+    for key in sweep.swept:
+        figures[f"val_loss_vs_{_file_safe(key)}.png"] = lambda key=key: plot_vs_key(sweep, key)
+        if (verdicts.metric, verdicts.at_tokens) != ("final_val_loss", None):
+            name = f"{_file_safe(verdicts.stem)}_vs_{_file_safe(key)}.png"
+            figures[name] = lambda key=key: plot_vs_key(sweep, key, verdicts.metric, verdicts.at_tokens)
+    return figures
 
 
 def _file_safe(key: str) -> str:
