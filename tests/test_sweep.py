@@ -4,6 +4,7 @@ W&B run per job grouped by sweep (read back with wandb's own offline reader, `wa
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,9 +41,9 @@ def wandb_records(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sweep_2x2(tmp_path_factory, data_dir) -> Path:
-    """A 2x2 CPU sweep with W&B offline: learning rate x schedule. Returns its sweep folder."""
+    """A 2x2 CPU sweep with W&B offline: learning rate x seed. Returns its sweep folder."""
     out = tmp_path_factory.mktemp("sweep_2x2")
-    args = ["optimizer.lr=1e-3,3e-3", "scheduler=cosine,wsd", "logger=wandb", "tags=[ablation]"]
+    args = ["optimizer.lr=1e-3,3e-3", "seed=0,1", "logger=wandb", "tags=[ablation]"]
     proc, folder = sweep(args, out, data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sweep: 0 of 4 jobs failed" in proc.stdout
@@ -52,8 +53,8 @@ def sweep_2x2(tmp_path_factory, data_dir) -> Path:
 @pytest.mark.slow
 def test_2x2_sweep_gives_4_job_folders_and_4_wandb_runs_in_one_group(sweep_2x2):
     jobs = job_statuses(sweep_2x2)
-    name = "debug=smoke,logger=wandb,optimizer.lr={},scheduler={},tags=[ablation]/seed=1337"  # sorted overrides
-    assert jobs == {name.format(lr, s): "completed" for lr in ("0.001", "0.003") for s in ("cosine", "wsd")}
+    name = "debug=smoke,logger=wandb,optimizer.lr={},tags=[ablation]/seed={}"  # sorted overrides, the seed apart
+    assert jobs == {name.format(lr, seed): "completed" for lr in ("0.001", "0.003") for seed in (0, 1)}
     runs = {}
     for job in jobs:
         records = wandb_records(sweep_2x2 / job)
@@ -70,10 +71,13 @@ def test_2x2_sweep_gives_4_job_folders_and_4_wandb_runs_in_one_group(sweep_2x2):
 
 
 @pytest.mark.slow
-def test_summarize_sweep_tables_the_2x2_sweep(sweep_2x2, tmp_path, capsys):
-    """scripts/summarize_sweep.py on the real sweep: 4 configs (one seed each), one row per job in jobs.csv."""
+def test_summarize_sweep_tables_the_2x2_sweep_and_pairs_its_seeds(sweep_2x2, tmp_path, capsys):
+    """scripts/summarize_sweep.py on the real sweep: 2 configs of 2 seeds, one row per job in jobs.csv, and the
+    verdict of lr 0.003 against 0.001 paired by seed, as scipy computes it from the jobs' summary.json."""
     import csv
     import importlib.util
+
+    from scipy import stats
 
     spec = importlib.util.spec_from_file_location("summarize_sweep", ROOT / "scripts" / "summarize_sweep.py")
     script = importlib.util.module_from_spec(spec)
@@ -81,14 +85,20 @@ def test_summarize_sweep_tables_the_2x2_sweep(sweep_2x2, tmp_path, capsys):
     script.main([str(sweep_2x2), "--out", str(tmp_path)])
     configs = list(csv.DictReader((tmp_path / "summary.csv").open()))
     jobs = list(csv.DictReader((tmp_path / "jobs.csv").open()))
-    assert len(configs) == 4 and len(jobs) == 4
-    assert {(c["optimizer.lr"], c["scheduler"]) for c in configs} == {
-        (lr, s) for lr in ("0.001", "0.003") for s in ("cosine", "wsd")
-    }
+    assert len(configs) == 2 and len(jobs) == 4
+    assert [(c["optimizer.lr"], c["n_seeds"]) for c in configs] == [("0.001", "2"), ("0.003", "2")]
+    losses = {}
     for job in jobs:
         summary = json.loads((sweep_2x2 / job["job"] / "summary.json").read_text())
         assert float(job["final_val_loss"]) == pytest.approx(summary["val_loss"])
-    assert capsys.readouterr().out.count("| 1 | ") == 4  # the printed per-config table: 4 rows of 1 seed
+        losses[job["optimizer.lr"], int(job["seed"])] = summary["val_loss"]
+    printed = capsys.readouterr().out.splitlines()  # the per-config table: 2 rows of 2 seeds
+    assert sum(re.fullmatch(r"\| optimizer\.lr=0\.00[13] \| 2 \| .*", line) is not None for line in printed) == 2
+    (verdict,) = csv.DictReader((tmp_path / "verdicts.csv").open())
+    base, treated = ([losses[lr, seed] for seed in (0, 1)] for lr in ("0.001", "0.003"))
+    assert verdict["comparison"] == "optimizer.lr=0.003 vs 0.001" and verdict["n"] == "2"
+    assert float(verdict["delta"]) == pytest.approx((treated[0] - base[0] + treated[1] - base[1]) / 2)
+    assert float(verdict["p"]) == pytest.approx(stats.ttest_rel(treated, base).pvalue)
 
 
 @pytest.mark.slow
