@@ -4,8 +4,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +42,9 @@ def compose_root(root: str, overrides: list[str] = (), output_dir: Path | None =
     return cfg
 
 
-def compose_train(overrides: list[str] = (), output_dir: Path | None = None, data_dir: Path | None = None) -> DictConfig:
+def compose_train(
+    overrides: list[str] = (), output_dir: Path | None = None, data_dir: Path | None = None
+) -> DictConfig:
     cfg = compose_root("train", overrides, output_dir)
     if data_dir is not None:
         with open_dict(cfg):
@@ -53,6 +57,21 @@ def run_script(script: str, *overrides: str, timeout: float = 300) -> subprocess
     env = dict(os.environ, GPTLAB_ROOT=str(ROOT))
     command = [sys.executable, str(ROOT / "scripts" / script), *overrides]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def kill_once(cmd: list[str], env: dict, cwd: Path, target: Path, timeout: float = 300) -> int:
+    """Run `cmd`, SIGKILL it as soon as `target` exists (a step's checkpoint, say); its return code."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert target.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "timed out"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc.returncode
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

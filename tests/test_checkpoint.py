@@ -7,7 +7,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from gptlab.config import ConfigError
 from gptlab.model_config import VERSION, GPTConfig, gpt_config_from_record
 from gptlab.pretrained import load_gpt
 from gptlab.train import run
-from tests.conftest import ROOT, compose_train, read_metrics
+from tests.conftest import ROOT, compose_train, kill_once, read_metrics
 
 DROPOUT = ["model.embd_dropout=0.1", "model.attn_dropout=0.1", "model.resid_dropout=0.1"]  # RNG restore matters
 SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32"]  # still the GPT-2 vocabulary the data needs
@@ -366,18 +365,8 @@ def test_sigkill_at_a_random_step_then_resume_ends_exactly_like_an_uninterrupted
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "GPTLAB_DATA_DIR": str(data_dir)}
     kill_at = random.Random(1).randint(2, steps - 2)  # from 2: last.ckpt exists by then
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        target = run_dir / "checkpoints" / f"step_{kill_at:06d}.ckpt"
-        deadline = time.monotonic() + 300
-        while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert target.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "timed out"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+    returncode = kill_once(cmd, env, tmp_path, run_dir / "checkpoints" / f"step_{kill_at:06d}.ckpt")
+    assert returncode == -signal.SIGKILL  # killed, not finished
     resume_step = load(run_dir / "checkpoints" / "last.ckpt")["global_step"]
     assert kill_at - 1 <= resume_step < steps
 

@@ -26,7 +26,7 @@ from gptlab.errors import ConfigError, DataError
 from gptlab.module import GPTModule
 from gptlab.schema import check
 from gptlab.train import run
-from tests.conftest import ROOT, compose_train, read_metrics, run_script
+from tests.conftest import ROOT, compose_train, kill_once, read_metrics, run_script
 
 SPAN = 1000  # source s's tokens are s * SPAN + (its document's number mod SPAN): each token names both
 
@@ -295,17 +295,7 @@ def test_a_mixture_run_killed_mid_pass_resumes_exactly(tmp_path, data_dir):
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "GPTLAB_DATA_DIR": str(data_dir)}
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        target = run_dir / "checkpoints" / "step_000003.ckpt"
-        deadline = time.monotonic() + 300
-        while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert target.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "timed out"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    assert kill_once(cmd, env, tmp_path, run_dir / "checkpoints" / "step_000003.ckpt") == -signal.SIGKILL
     done = subprocess.run([*cmd, f"ckpt_path={run_dir}"], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
