@@ -133,9 +133,10 @@ class TokenDataModule(L.LightningDataModule):
     def check_repeats(self) -> None:
         """data.max_repeats: refuse, before the first step, a budget that would read a source more often."""
         limit, steps = self.cfg.max_repeats, self.plan.total_steps
-        if limit is None or max(self.mixture.repeats(steps)) <= limit:
+        repeats = self.mixture.repeats(steps)
+        if limit is None or max(repeats) <= limit:
             return
-        k = max(range(len(self.sources)), key=lambda k: self.mixture.repeats(steps)[k])
+        k = repeats.index(max(repeats))
         lo, hi = 0, steps  # the first step after which source k has been repeated more than the limit
         while lo < hi:
             mid = (lo + hi) // 2
@@ -144,8 +145,8 @@ class TokenDataModule(L.LightningDataModule):
         raise ConfigError(
             "data.max_repeats",
             f"is {limit}, but source {source.name} ({source.folder}) would be read {passes:.2f} times in "
-            f"{steps:,} steps; its repeat {limit + 1} would begin at step {lo:,}: lower the budget (max_tokens or "
-            "trainer.max_steps) or its weight, add data to it, or raise data.max_repeats",
+            f"{steps:,} steps; its repeat {limit + 1} would begin at step {lo:,}: lower the budget or its weight, "
+            "add data to it, or raise data.max_repeats",
         )
 
     def state_dict(self) -> dict:
