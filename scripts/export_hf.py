@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gptlab.errors import exit_on_config_error, exit_on_user_error
-from gptlab.hf import ExportHFConfig, export_hf, export_target
+from gptlab.hf import ExportHFConfig, check_out, export_hf_replacing, export_target
 from gptlab.pretrained import load_gpt
 from gptlab.schema import load
 
@@ -31,8 +31,9 @@ def main(cfg: DictConfig) -> None:
 
 
 def export(cfg: ExportHFConfig) -> None:
+    check_out(Path(cfg.out), cfg.overwrite)  # before the model loads
     model = load_gpt(cfg.checkpoint)
-    folder = export_hf(model, Path(cfg.out), vocab_size=cfg.vocab_size)
+    folder = export_hf_replacing(model, Path(cfg.out), vocab_size=cfg.vocab_size)
     target = export_target(model.config)
     print(f"Exported {cfg.checkpoint} ({model.num_params():,} parameters) to {folder} as a Hugging Face {target}")
 

@@ -2,13 +2,16 @@
 
 Reads data.source (a Hugging Face Hub dataset, streamed, or local files), tokenizes it with GPT-2 in
 data.prepare.workers processes and writes shards + manifest.json into data.dir (see conf/prepare.yaml).
-Interrupted? Run the same command again: it resumes after the last finished shard.
+Interrupted (Ctrl-C: exit status 130; SIGTERM, as a scheduler's preemption sends: 143)? Run the same command
+again: it resumes after the last finished shard. data.dir is locked while it is prepared: a second prepare into
+it fails at once, naming the first.
 
 data.source naming `.bin` token shards (llm.c, modded-nanogpt) indexes them in place instead, without
 re-tokenizing: `python scripts/prepare_data.py data=local data.source=<folder>` (gptlab.data.index).
 """
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,9 +23,9 @@ from gptlab.config import load_data_config
 from gptlab.data import index
 from gptlab.data.commands import quoted, source_config
 from gptlab.data.config import DataConfig, FilterConfig, data_sources
-from gptlab.data.prepare import prepare_dataset
+from gptlab.data.prepare import build_dataset, existing_manifest, lock_folder
 from gptlab.data.sample_corpus import BUILT_IN
-from gptlab.data.shards import MANIFEST, read_manifest
+from gptlab.data.shards import MANIFEST
 from gptlab.data.sources import Stream, streams
 from gptlab.errors import DataError, exit_on_config_error, exit_on_user_error
 
@@ -34,11 +37,22 @@ os.environ.setdefault("GPTLAB_ROOT", str(ROOT))
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="prepare")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    signal.signal(signal.SIGTERM, terminate)
     try:
         prepare(cfg)
-    except KeyboardInterrupt:
-        print("Interrupted: run the same command again to resume after the last finished shard", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the last finished shard and its progress are on disk
+        how, status = ("Terminated", 143) if isinstance(e, Terminated) else ("Interrupted", 130)
+        print(f"{how}: run the same command again to resume after the last finished shard", file=sys.stderr)
+        sys.exit(status)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that both stop the prepare the same way."""
+
+
+def terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
 
 
 def prepare(cfg: DictConfig) -> None:
@@ -67,26 +81,23 @@ def prepare_mixture(data: DataConfig) -> None:
 
 
 def prepare_folder(data: DataConfig) -> None:
-    """Prepare data.dir from data.source (or index the token shards it names), unless it is prepared already."""
+    """Prepare data.dir from data.source (or index the token shards it names), unless it is prepared already
+    (with these settings: a folder holding another dataset is refused), holding its lock meanwhile."""
     folder = Path(data.dir)
-    if (folder / MANIFEST).is_file():
-        manifest = read_manifest(folder)
-        source = manifest.get("source", {}).get("source")
-        if manifest.get("format") == index.FORMAT:  # the folder may hold the shards themselves: keep them
-            print(f"{folder} is already indexed (from {source}); delete {folder / MANIFEST} to index it again")
-        else:
-            print(f"{folder} is already prepared (from {source}); delete it to prepare it again")
-        return
-    if index.is_token_shards(data):
-        print(index.plan(data))
+    with lock_folder(data):
+        manifest = existing_manifest(data)
+        if manifest is not None:
+            source = manifest.get("source", {}).get("source")
+            if manifest.get("format") == index.FORMAT:  # the folder may hold the shards themselves: keep them
+                print(f"{folder} is already indexed (from {source}); delete {folder / MANIFEST} to index it again")
+            else:
+                print(f"{folder} is already prepared (from {source}); delete it to prepare it again")
+            return
+        shards = index.is_token_shards(data)
+        print(index.plan(data) if shards else plan(data))
         started = time.time()
-        manifest = prepare_dataset(data)
-        print(index.summary(folder, manifest, time.time() - started))
-        return
-    print(plan(data))
-    started = time.time()
-    manifest = prepare_dataset(data)
-    print(summary(folder, manifest, time.time() - started))
+        manifest = build_dataset(data)
+        print((index.summary if shards else summary)(folder, manifest, time.time() - started))
 
 
 def plan(data: DataConfig) -> str:
@@ -133,8 +144,6 @@ def summary(folder: Path, manifest: dict, seconds: float) -> str:
         tokens = sum(e["tokens"] for e in shards if e["split"] == split)
         dropped = ", ".join(f"{key.replace('_', ' ')} {n:,}" for key, n in counts.items() if key != "kept")
         lines.append(f"  {split:<5} {tokens:>15,} tokens {counts['kept']:>12,} documents ({dropped})")
-        if tokens == 0:
-            lines.append(f"  warning: the {split} split is empty; training needs tokens in both splits")
     return "\n".join(lines)
 
 

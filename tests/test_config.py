@@ -78,13 +78,13 @@ COMPOSITION_ERRORS = {"wrong_type", "wrong_type_int", "unknown_key_without_plus"
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
-def test_bad_config_names_the_key(case):
-    from gptlab.config import check_paths
+def test_bad_config_names_the_key(case, tmp_path):
+    from gptlab.resume import find_resume
 
     overrides, key = BAD_CONFIGS[case]
     with pytest.raises(ConfigError) as err:
         cfg, _ = load_config(compose_train(overrides), command_line=overrides)
-        check_paths(cfg)
+        find_resume(cfg, tmp_path)
     assert err.value.key == key
     assert str(err.value).startswith(f"{key}: ")
 

@@ -21,10 +21,11 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from gptlab.callbacks.checkpoints import checkpoint_step
-from gptlab.config import ConfigError, check_paths, load_config, resolve_ckpt_path
+from gptlab.config import ConfigError, load_config
 from gptlab.errors import DataError
 from gptlab.eval.hellaswag import evaluate, load_examples
 from gptlab.pretrained import load_gpt, load_model
+from gptlab.resume import find_resume, newest_checkpoint
 from gptlab.train import run
 from tests.conftest import ROOT, compose_train, read_metrics
 from tests.test_hellaswag import make_records, tiny_gpt, write_jsonl
@@ -172,18 +173,18 @@ def test_sharded_checkpoints_are_folders_in_one_run_folder(fsdp_run):
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step_000002.ckpt", "step_000004.ckpt"]
     for ckpt in folder.iterdir():  # each rank's shard, the index, and meta.pt (loops, data position, config)
         assert sorted(p.name for p in ckpt.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
-    assert resolve_ckpt_path(str(fsdp_run)) == str(folder / "last.ckpt")
-    assert resolve_ckpt_path(str(folder / "step_000002.ckpt")) == str(folder / "step_000002.ckpt")
+    assert newest_checkpoint(folder)[0] == folder / "last.ckpt"
     assert checkpoint_step(folder / "last.ckpt") == 4 and checkpoint_step(folder / "step_000002.ckpt") == 2
 
 
 @pytest.mark.slow
-def test_a_sharded_checkpoint_resumes_only_under_fsdp(fsdp_run):
-    cfg, _ = load_config(compose_train([f"ckpt_path='{fsdp_run}'"]))  # quoted: a job folder's name has = and ,
+def test_a_sharded_checkpoint_resumes_only_under_fsdp(fsdp_run, tmp_path):
+    resume = [*TINY, f"ckpt_path='{fsdp_run}'"]  # quoted: a job folder's name has = and ,
+    cfg, _ = load_config(compose_train(resume))
     with pytest.raises(ConfigError, match="ckpt_path.*sharded checkpoint.*distributed=fsdp"):
-        check_paths(cfg)
-    cfg, _ = load_config(compose_train([*FSDP, f"ckpt_path='{fsdp_run}'"]))
-    assert check_paths(cfg).ckpt_path == str(fsdp_run / "checkpoints" / "last.ckpt")
+        find_resume(cfg, tmp_path)
+    cfg, _ = load_config(compose_train([*FSDP, *resume]))
+    assert find_resume(cfg, tmp_path).path == str(fsdp_run / "checkpoints" / "last.ckpt")
 
 
 @pytest.mark.slow

@@ -319,7 +319,8 @@ def test_empty_and_non_utf8_documents_are_skipped_and_counted(tmp_path, tiktoken
     (src / "a.txt").write_text(good[2])
     (src / "b.txt").write_bytes(b"latin-1 text: caf\xe9")
     (src / "c.txt").write_text("")
-    manifest = prepare_dataset(config(src, tmp_path / "out", name="local", id_field=None, val_fraction=0.5))
+    # 0.6: the smallest share that holds out one of the three (an empty split is an error)
+    manifest = prepare_dataset(config(src, tmp_path / "out", name="local", id_field=None, val_fraction=0.6))
     totals = {key: sum(c[key] for c in manifest["documents"].values()) for key in manifest["documents"]["train"]}
     assert totals == {"kept": 3, "filtered": 0, "skipped_empty": 3, "skipped_non_utf8": 3}
     docs = split_docs(tmp_path / "out", "train") + split_docs(tmp_path / "out", "val")
@@ -498,7 +499,9 @@ def test_script_on_slimpajama_without_its_validation_folder_fails_in_one_line_wh
         assert way_out in line
         out = tmp_path / f"out_{val_source is None}"
         override = way_out.replace("<path of the validation files>", str(val_source))
-        proc = run_script(tmp_path, *args, override, f"data.dir={out}")
+        # 30 documents: the default val_fraction would hold out none, an error that names a larger one
+        larger = ["data.val_fraction=0.2"] if val_source is None else []
+        proc = run_script(tmp_path, *args, override, *larger, f"data.dir={out}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         counts = read_manifest(out)["documents"]
         if val_source is None:  # val: data.val_fraction of the training documents

@@ -12,6 +12,7 @@ span groups (`validate`), which also settle the budget and derive the RunPlan.
 
 import dataclasses
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -145,6 +146,7 @@ class TrainerConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower)
     detect_anomaly: bool = False  # autograd anomaly detection: a NaN/Inf backward names its forward op (slow)
     stopping_threshold: Optional[float] = knob(None, optional(positive))  # stop once train/loss < this; null: never
+    requeue: bool = True  # under SLURM, requeue the job after a preemption signal stopped it (callbacks/preemption.py)
 
 
 @dataclass
@@ -166,7 +168,9 @@ class TrainConfig:
     grad_clip: float = knob(1.0, non_negative)  # clip the global gradient norm to this; 0 disables clipping
     # NaN/Inf loss or gradients: stop (error naming the step) | skip (drop the update; counted as nan_skipped)
     on_nan: str = knob("stop", one_of("stop", "skip"))
-    ckpt_path: Optional[str] = None  # resume: a .ckpt file, or a run folder (its checkpoints/last.ckpt)
+    # resume: a .ckpt file, a run folder (its newest checkpoint), or auto: this run's folder's newest, else start fresh
+    ckpt_path: Optional[str] = None
+    overwrite: bool = False  # start afresh in a run folder that holds another run's results, deleting them first
     tags: list[str] = knob([])  # free-form labels, passed to W&B
     model: GPTConfig = field(default_factory=GPTConfig)
     optimizer: Any = MISSING  # an optim.OptimizerConfig
@@ -388,43 +392,8 @@ def load_data_config(cfg: DictConfig | dict) -> DataConfig:
 
 CHECKPOINTS_DIR = "checkpoints"  # in a run folder: last.ckpt and the periodic step_XXXXXX.ckpt
 LAST_CHECKPOINT = "last.ckpt"  # always the newest checkpoint of the run
+STEP_FILE = re.compile(r"step_(\d{6,})\.ckpt")  # the periodic ones: step_000500.ckpt
 SHARDED_META = "meta.pt"  # in a sharded checkpoint folder: all but the model and optimizer shards (Lightning's name)
-
-
-def check_paths(cfg: TrainConfig) -> TrainConfig:
-    """Checks that depend on this machine's files, kept apart so that checkpoints reload anywhere.
-    Returns cfg with ckpt_path resolved to a checkpoint file (or sharded checkpoint folder)."""
-    if cfg.ckpt_path is None:
-        return cfg
-    resolved = resolve_ckpt_path(cfg.ckpt_path, sharded_ok=isinstance(cfg.distributed, FSDPConfig))
-    return dataclasses.replace(cfg, ckpt_path=resolved)
-
-
-def resolve_ckpt_path(path: str, sharded_ok: bool = True) -> str:
-    """A checkpoint (a .ckpt file or a sharded checkpoint folder), or a run folder meaning its
-    checkpoints/last.ckpt (either kind). Resuming must never silently start from scratch (Lightning does so
-    for ckpt_path="last"), so anything else is an error. sharded_ok=False: this run cannot load a sharded one."""
-    if os.path.isdir(path) and not is_sharded_checkpoint(path):
-        last = os.path.join(path, CHECKPOINTS_DIR, LAST_CHECKPOINT)
-        require(
-            os.path.isfile(last) or is_sharded_checkpoint(last),
-            "ckpt_path",
-            f"the folder {path} has no {CHECKPOINTS_DIR}/{LAST_CHECKPOINT} to resume from "
-            "(give a run folder, a .ckpt file or a sharded checkpoint folder)",
-        )
-        path = last
-    require(
-        os.path.isfile(path) or is_sharded_checkpoint(path),
-        "ckpt_path",
-        f"no checkpoint file, sharded checkpoint folder or run folder at {path}",
-    )
-    require(
-        sharded_ok or not is_sharded_checkpoint(path),
-        "ckpt_path",
-        f"{path} is a sharded checkpoint (a folder written by distributed=fsdp): resume it with distributed=fsdp "
-        "on as many devices, or load its weights with gptlab.pretrained.load_gpt",
-    )
-    return path
 
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:

@@ -10,13 +10,15 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_only
 
-from gptlab.callbacks.checkpoints import AtomicCheckpointIO, StepCheckpoints, checkpoint_step
+from gptlab.callbacks.checkpoints import AtomicCheckpointIO, StepCheckpoints
 from gptlab.callbacks.harness import HarnessEval, describe
 from gptlab.callbacks.hellaswag import HellaSwagEval, coverage
 from gptlab.callbacks.mixture import MixtureRepeats
 from gptlab.callbacks.monitor import TrainingMonitor
+from gptlab.callbacks.preemption import Preemption
 from gptlab.callbacks.profiler import TorchProfiler
 from gptlab.callbacks.random_state import RandomState
+from gptlab.callbacks.step_log import StepLog
 from gptlab.callbacks.stopping import StoppingThreshold
 from gptlab.callbacks.summary import RunSummary
 from gptlab.callbacks.throughput import ThroughputMeter
@@ -28,12 +30,14 @@ from gptlab.flops import flops_per_token, precision_kind
 from gptlab.loggers import build_loggers
 from gptlab.module import GPTModule
 from gptlab.provenance import write_provenance
+from gptlab.resume import Resume
 from gptlab.sweep import hydra_choices, hydra_overrides
 
 
-def fit(cfg: TrainConfig, plan: RunPlan, run_dir: Path, started: float) -> None:
+def fit(cfg: TrainConfig, plan: RunPlan, run_dir: Path, started: float, resume: Resume) -> None:
     """Train, or, resumed from a checkpoint with no steps left, validate it; summary.json (rank 0) says what came
-    of it. cfg has passed gptlab.config.load_config; started: time.time() when the job began."""
+    of it. cfg has passed gptlab.config.load_config, and cfg.ckpt_path is resume.path (gptlab.resume.find_resume);
+    started: time.time() when the job began."""
     write_provenance(run_dir)  # rank 0: command line, git commit and diff, package versions
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # 0 is a valid seed
     torch.set_float32_matmul_precision(cfg.precision.matmul_precision)
@@ -46,8 +50,8 @@ def fit(cfg: TrainConfig, plan: RunPlan, run_dir: Path, started: float) -> None:
     for logger in loggers:
         logger.log_hyperparams({**asdict(cfg), "overrides": overrides, "choices": choices, "plan": asdict(plan)})
     trainer = build_trainer(cfg, plan, run_dir, loggers, callbacks)
-    _print_header(cfg, plan, module, trainer, run_dir, choices)
-    if cfg.ckpt_path is not None and checkpoint_step(cfg.ckpt_path) >= plan.total_steps:
+    _print_header(cfg, plan, module, trainer, run_dir, choices, resume)
+    if cfg.ckpt_path is not None and resume.step >= plan.total_steps:
         trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False)
     else:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -56,6 +60,7 @@ def fit(cfg: TrainConfig, plan: RunPlan, run_dir: Path, started: float) -> None:
 def build_callbacks(cfg: TrainConfig, plan: RunPlan, run_dir: Path) -> list[L.Callback]:
     """The run's callbacks; those the config switches off are left out. The step itself needs none of them."""
     h, profiler = cfg.eval.hellaswag, cfg.callbacks.profiler
+    preemption = Preemption(cfg.trainer.requeue)
     callbacks = [
         ThroughputMeter(
             plan.tokens_per_step, cfg.trainer.log_every_n_steps, cfg.data.seq_len,
@@ -63,14 +68,16 @@ def build_callbacks(cfg: TrainConfig, plan: RunPlan, run_dir: Path) -> list[L.Ca
             precision_kind(cfg.precision.trainer_precision, cfg.precision.matmul_precision),
         ),  # fmt: skip
         TrainingMonitor(cfg.callbacks.monitor, cfg.on_nan),
+        preemption,  # SIGTERM/SIGUSR1: stop at the step's end, checkpointed
         StepCheckpoints(run_dir / CHECKPOINTS_DIR, cfg.callbacks.checkpoint.every_n_steps,
-                        cfg.callbacks.checkpoint.save_top_k),  # fmt: skip
+                        cfg.callbacks.checkpoint.save_top_k, preemption),  # fmt: skip
         RandomState(),  # RNG states in checkpoints; evaluation leaves the training stream alone
         MixtureRepeats() if cfg.data.mixture else None,
         HellaSwagEval(h, cfg.precision.trainer_precision) if h.enabled else None,
         HarnessEval(cfg.eval.harness, cfg.precision.trainer_precision) if cfg.eval.harness.tasks else None,
         StoppingThreshold(cfg.trainer.stopping_threshold) if cfg.trainer.stopping_threshold is not None else None,
         TorchProfiler(profiler, run_dir / "profile") if profiler.enabled else None,
+        StepLog(cfg.trainer.log_every_n_steps),  # after those that measure the step
     ]
     if cfg.callbacks.progress_bar_refresh_rate > 0:
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.callbacks.progress_bar_refresh_rate))
@@ -161,7 +168,8 @@ def _data(d: DataConfig) -> str:
 
 
 @rank_zero_only
-def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, run_dir: Path, choices) -> None:
+def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, run_dir: Path, choices,
+                  resume: Resume) -> None:
     d = cfg.data
     model_name = choices.get("model", "model")
     rows = [
@@ -184,6 +192,7 @@ def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, r
         f"every {cfg.eval.every_n_steps} steps",
         f"eval       {_evaluations(cfg, trainer.strategy.root_device.type)}",
         f"run folder {run_dir}",
+        *([f"resume     {resume.note}"] if resume.note else []),
     ]
     print("\n".join(["gptlab", *(f"  {r}" for r in rows)]), flush=True)
 

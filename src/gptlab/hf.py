@@ -25,6 +25,7 @@ transformers and safetensors are an optional extra (`pip install -e .[hf]`): imp
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -33,7 +34,8 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 from gptlab.data.tokenizer import EOT, GPT2_PATTERN, RANKS_FILE, load_ranks
-from gptlab.errors import DataError
+from gptlab.errors import ConfigError, DataError
+from gptlab.files import remove
 from gptlab.model import GPT, NORM_EPS, GPTConfig
 from gptlab.schema import at_least, knob, optional, required
 
@@ -109,6 +111,8 @@ class ExportHFConfig:
     # null: the model's vocabulary, padded rows included (log-probabilities equal gptlab's); 50257 drops the padded
     # rows: every log-probability then rises by log(1 + the probability gptlab gives the padded ids)
     vocab_size: Optional[int] = knob(None, optional(at_least(GPT2_VOCAB_SIZE)))
+    # a folder `out` with files in it is refused unless overwrite=true: the export then replaces it whole
+    overwrite: bool = False
 
 
 ConfigStore.instance().store(name="export_hf_schema", node=ExportHFConfig)
@@ -245,6 +249,34 @@ def export_hf(model: GPT, folder: Path, vocab_size: int | None = None) -> Path:
     hf_model.save_pretrained(folder, safe_serialization=True)
     save_tokenizer(tokenizer, folder)
     return folder
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """scripts/export_hf.py's `out`, before the model loads: not a file, and not a folder with files in it unless
+    overwrite=true (an earlier export's files would stay beside the new ones)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", f"{out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError("out", f"{out} is not empty: pass overwrite=true to replace it with the export")
+
+
+def export_hf_replacing(model: GPT, out: Path, vocab_size: int | None = None) -> Path:
+    """export_hf into a new folder beside `out`, then renamed to `out` (the old one deleted after): a failure
+    leaves `out` as it was, and nothing of an earlier export stays beside the new one. Returns `out` resolved."""
+    out = Path(out).resolve()
+    for stale in out.parent.glob(f".{out.name}.tmp*"):  # left by a killed export
+        remove(stale)
+    new, old = out.with_name(f".{out.name}.tmp{os.getpid()}"), out.with_name(f".{out.name}.tmp{os.getpid()}.old")
+    try:
+        export_hf(model, new, vocab_size)
+    except BaseException:
+        remove(new)
+        raise
+    if out.exists():
+        out.rename(old)
+    new.rename(out)
+    remove(old)
+    return out
 
 
 def generation_config(vocab_size: int):

@@ -86,11 +86,6 @@ def launch_id() -> str | None:
     return None
 
 
-def rank_zero_only_value(value):
-    """`value` on rank 0 and None elsewhere (hydra.output_subdir: only rank 0 writes .hydra/)."""
-    return value if global_rank() == 0 else None
-
-
 def rank_suffix() -> str:
     """"" on rank 0, "_rank<r>" elsewhere: each rank of torchrun or srun logs to its own <job name><suffix>.log."""
     rank = global_rank()
@@ -142,7 +137,7 @@ def runs_ranks_as_children(multirun: bool, world_size: int) -> bool:
 
 def run_ranks(run_dir: Path, devices: int) -> int:
     """Train this multirun job on `devices` processes: `torchrun --standalone` on the same script, config and
-    overrides, as a single run into the job's folder (whose .hydra/ the sweep wrote already). Each rank then
+    overrides, as a single run into the job's folder (which the job holds, .hydra/ written). Each rank then
     runs as it would alone, and rank 0 writes the job's summary.json. Returns torchrun's exit status."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -153,9 +148,11 @@ def run_ranks(run_dir: Path, devices: int) -> int:
     command = [
         sys.executable, "-c", TORCHRUN, "--standalone", f"--nproc_per_node={devices}", str(script),
         *config, f"--config-name={hydra.job.config_name}", *hydra.overrides.task,
-        f"hydra.run.dir={_quoted(run_dir)}", "hydra.output_subdir=null",
+        f"hydra.run.dir={_quoted(run_dir)}",
     ]  # fmt: skip
-    return subprocess.run(command).returncode
+    from gptlab.run_folder import HELD_BY_JOB  # the job holds the folder and wrote .hydra/ for its ranks
+
+    return subprocess.run(command, env={**os.environ, HELD_BY_JOB: "1"}).returncode
 
 
 def _quoted(value) -> str:
@@ -172,6 +169,5 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("gptlab.path", lambda *parts: "/".join(str(p) for p in parts if p), replace=True)
     # `${gptlab.run_name:<output_root>}`: see run_name; cached, so the folder is named once per process.
     OmegaConf.register_new_resolver("gptlab.run_name", run_name, use_cache=True, replace=True)
-    # `${gptlab.rank_zero:x}`: x on rank 0, null elsewhere; `${gptlab.rank_suffix:}`: "" on rank 0, "_rank<r>" else.
-    OmegaConf.register_new_resolver("gptlab.rank_zero", rank_zero_only_value, replace=True)
+    # `${gptlab.rank_suffix:}`: "" on rank 0, "_rank<r>" elsewhere.
     OmegaConf.register_new_resolver("gptlab.rank_suffix", rank_suffix, replace=True)

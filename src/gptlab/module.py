@@ -8,7 +8,8 @@ One optimizer step, in the order Lightning runs it, all here:
    norm, ONE host sync for the step's numbers, the non-finite guard (stop, or skip the update), clipping.
 3. Lightning's optimizer step (under fp16 GradScaler's, which skips overflowed steps), then the LR schedule.
 4. `on_train_batch_end`: at the budget's last step, stop, so that Lightning validates it inside fit.
-Callbacks (gptlab.callbacks) only observe: they read `step_stats` and `step_outcome` and log them.
+Callbacks (gptlab.callbacks) only observe: they read `step_stats` and `step_outcome`, and add what they measure
+to `step_metrics`, the step's line for the loggers.
 """
 
 import math
@@ -24,10 +25,10 @@ from gptlab.config import RunPlan, TrainConfig
 from gptlab.data.config import data_sources
 from gptlab.data.tokenizer import token_byte_lengths
 from gptlab.distributed import full_tensor, shard_gpt
-from gptlab.errors import ConfigError, UserInputError
+from gptlab.errors import UserInputError
 from gptlab.internals import loss_scale, unscales_in_step
 from gptlab.model import GPT
-from gptlab.model_config import GPT_CONFIG_KEY, RUNTIME_FIELDS, gpt_config_from_checkpoint, gpt_config_record
+from gptlab.model_config import GPT_CONFIG_KEY, gpt_config_record
 from gptlab.schedules import build_scheduler
 
 NOT_FOR_GPTLAB = (
@@ -68,6 +69,8 @@ class GPTModule(L.LightningModule):
         self.step_stats: dict[str, float] = {}
         # What became of its update: applied | overflow (fp16: GradScaler skips it) | nan_skipped (on_nan=skip)
         self.step_outcome: str | None = None
+        # The step's line for the loggers, {name: number}: this module's and the callbacks' (callbacks/step_log.py)
+        self.step_metrics: dict[str, float] = {}
         self.val_metrics: dict[str, float] = {}  # the latest validation's val/loss and val/bpb (and per source)
         self.initial_val_metrics: dict[str, float] = {}  # those of the validation before the first step
         self._token_bytes: torch.Tensor | None = None  # UTF-8 bytes of each token id, for val/bpb
@@ -97,13 +100,8 @@ class GPTModule(L.LightningModule):
         self._train_loss_sum += loss.detach()
         if (batch_idx + 1) % self.plan.grad_accum == 0:  # last micro-step: the mean over micro-steps and ranks
             mean = self.trainer.strategy.reduce(self._train_loss_sum / self.plan.grad_accum, reduce_op="mean")
-            self.log("train/loss", mean, prog_bar=True)  # the same on every rank, so callbacks decide alike
-            # "step" is the loggers' x-axis and names checkpoints: the optimizer steps completed once this
-            # micro-step's update is applied (Lightning's own step would be one less).
-            # CPU tensors: a Python float would be copied to the GPU, a host sync in the middle of the step.
-            step = self.global_step + 1
-            self.log("step", torch.tensor(float(step)))
-            self.log("tokens", torch.tensor(float(step * self.plan.tokens_per_step)))
+            # For the progress bar; the loggers get it in the step's line (step_metrics, callbacks/step_log.py).
+            self.log("train/loss", mean, prog_bar=True, logger=False)
             self.last_train_loss = mean
             self._train_loss_sum = torch.zeros((), device=self.device)
         return loss  # Lightning divides by grad_accum before backward
@@ -159,16 +157,7 @@ class GPTModule(L.LightningModule):
         checkpoint["initial_val_metrics"] = self.initial_val_metrics  # a resumed run skips the validation at its start
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Before the weights load: a resumed run must build the checkpoint's model (compile and activation
-        checkpointing may change), else the weights would not fit or would compute another function."""
-        saved = gpt_config_from_checkpoint(checkpoint)
-        for key, value in asdict(saved).items():
-            if key not in RUNTIME_FIELDS and getattr(self.cfg.model, key) != value:
-                raise ConfigError(
-                    f"model.{key}",
-                    f"is {getattr(self.cfg.model, key)!r}, the checkpoint's model has {value!r}: resume with the "
-                    "checkpoint's architecture (repeat the run's model overrides)",
-                )
+        # gptlab.resume checked, before Lightning loaded, that this run's config may continue the checkpoint's.
         before_bpb = {"val/loss": checkpoint.get("initial_val_loss")}  # the record of checkpoints before val/bpb
         self.initial_val_metrics = checkpoint.get("initial_val_metrics", before_bpb)
         self.loaded_step = checkpoint["global_step"]
@@ -191,6 +180,9 @@ class GPTModule(L.LightningModule):
             measured["loss_scale"] = loss_scale(scaler)  # the scale of this step's backward
         values = torch.stack([v.float() for v in measured.values()]).tolist()  # the step's one host sync
         self.step_stats = dict(zip(measured, values))
+        # "step", the loggers' x-axis, counts the optimizer steps completed once this update is applied
+        step = self.global_step + 1
+        self.step_metrics |= {"train/loss": self.step_stats["loss"], "tokens": float(step * self.plan.tokens_per_step)}
         self.step_outcome = self._guard(optimizer, fp16=scaler is not None)
         if self.step_outcome == "applied" and self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self.parameters(), self.cfg.grad_clip, norm)

@@ -2,11 +2,14 @@
 
 The config is checked once, into a typed TrainConfig, before torch and Lightning load, so a mistake in a key is
 reported in about a second; the typed config is what the module, the data and the callbacks receive.
-A run that trains writes its summary.json from inside (gptlab.callbacks.summary, rank 0); this writes it for
-a run that fails.
+Before it writes anything the run claims its folder (gptlab.run_folder: one run per folder, never another run's
+results overwritten) and reads the checkpoint it resumes (gptlab.resume: which one, and whether this config may
+continue it). A run that trains writes its summary.json from inside (gptlab.callbacks.summary, rank 0); this
+writes it for a run that fails, where the folder is the run's own.
 """
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import time
@@ -15,9 +18,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from gptlab.config import check_paths, load_config
-from gptlab.errors import UserInputError
+from gptlab.config import load_config
+from gptlab.errors import Preempted, UserInputError
 from gptlab.launch import run_ranks, runs_ranks_as_children
+from gptlab.locks import FolderInUse
+from gptlab.preflight import check_run
+from gptlab.resume import AUTO, find_resume
+from gptlab.run_folder import RunFolder
 from gptlab.summary import new_summary, read_summary, write_summary
 from gptlab.sweep import in_multirun
 
@@ -26,41 +33,71 @@ def run(cfg: DictConfig) -> dict:
     """Train one job into cfg.paths.output_dir and return its summary (as summary.json holds it).
 
     A failure raises, except in a multirun: there the job reports it on stderr and in its summary.json and
-    returns that summary, so that the sweep goes on (gptlab.sweep counts the failures at its end)."""
+    returns that summary, so that the sweep goes on (gptlab.sweep counts the failures at its end). A failure is
+    recorded only in a folder that is the run's own: never over another run's results (gptlab.run_folder)."""
     started = time.time()
-    run_dir = Path(cfg.paths.output_dir)
+    folder = RunFolder(Path(cfg.paths.output_dir), cfg)
     try:
-        train_cfg, plan = load_config(cfg)  # once: what follows receives the typed config
-        train_cfg = check_paths(train_cfg)  # ckpt_path: a run folder becomes its checkpoints/last.ckpt
-        if runs_ranks_as_children(in_multirun(), plan.world_size):
-            return _run_ranks(run_dir, train_cfg.trainer.devices)
-        from gptlab.fit import fit  # Lightning takes seconds to import: only once the config is known good
-
-        fit(train_cfg, plan, run_dir, started)  # writes summary.json (rank 0)
-        _finish_wandb(exit_code=0)
-        return read_summary(run_dir) or new_summary(status="completed")  # ranks > 0 have none to read
+        folder.claim()  # FolderInUse while another process trains in the folder: nothing is written
+    except FolderInUse as e:
+        return _failed(e, cfg, folder, started, record=False)
+    try:
+        return _train(cfg, folder, started)
     except BaseException as e:
-        summary = _failure(e) | {"seed": cfg.get("seed"), "run_dir": str(run_dir)}
-        with _sigterm_ignored():  # under torchrun a peer that failed first gets this rank SIGTERMed: record first
-            write_summary(run_dir, summary | {"wall_s": round(time.time() - started, 2)})
-            _finish_wandb(exit_code=1)
-        if isinstance(e, (KeyboardInterrupt, SystemExit)) or not in_multirun():
-            raise
-        if isinstance(e, UserInputError):
-            print(f"{run_dir}: {e.label}: {e}", file=sys.stderr)  # one line, as a single run exits with
-        else:
-            print(f"{run_dir}: job failed:", file=sys.stderr)
-            traceback.print_exc()  # a bug, not a config mistake: the whole traceback
-        return summary
+        # a preempted run's summary.json is written from inside, with its numbers (callbacks/summary.py)
+        return _failed(e, cfg, folder, started, record=folder.records_failure and not isinstance(e, Preempted))
+    finally:
+        folder.release()
+
+
+def _train(cfg: DictConfig, folder: RunFolder, started: float) -> dict:
+    run_dir = folder.path
+    train_cfg, plan = load_config(cfg)  # once: what follows receives the typed config
+    resume = find_resume(train_cfg, run_dir)  # the checkpoint ckpt_path names, and whether this config continues it
+    train_cfg = dataclasses.replace(train_cfg, ckpt_path=resume.path)
+    check_run(train_cfg, run_dir)  # the accelerator is here, the folder writable: before Lightning, before a step
+    folder.admit(resumes_here=_inside(resume.path, run_dir), overwrite=train_cfg.overwrite or cfg.ckpt_path == AUTO)
+    if runs_ranks_as_children(in_multirun(), plan.world_size):
+        return _run_ranks(run_dir, train_cfg.trainer.devices)
+    from gptlab.fit import fit  # Lightning takes seconds to import: only once the config is known good
+
+    fit(train_cfg, plan, run_dir, started, resume)  # writes summary.json (rank 0)
+    _finish_wandb(exit_code=0)
+    return read_summary(run_dir) or new_summary(status="completed")  # ranks > 0 have none to read
+
+
+def _failed(e: BaseException, cfg: DictConfig, folder: RunFolder, started: float, record: bool) -> dict:
+    """Record (where `record`) and report a run that ended with `e`; re-raise it unless this is a multirun job."""
+    summary = _failure(e) | {"seed": cfg.get("seed"), "run_dir": str(folder.path)}
+    with _sigterm_ignored():  # under torchrun a peer that failed first gets this rank SIGTERMed: record first
+        if record:
+            write_summary(folder.path, summary | {"wall_s": round(time.time() - started, 2)})
+        _finish_wandb(exit_code=1)
+    if summary["status"] == "interrupted":
+        raise SystemExit(130) from e  # Ctrl-C: the shell's status for SIGINT, whoever caught it first
+    if isinstance(e, (KeyboardInterrupt, SystemExit)) or not in_multirun():
+        raise e
+    if isinstance(e, UserInputError):
+        print(f"{folder.path}: {e.label}: {e}", file=sys.stderr)  # one line, as a single run exits with
+    else:
+        print(f"{folder.path}: job failed:", file=sys.stderr)
+        traceback.print_exception(e)  # a bug, not a config mistake: the whole traceback
+    return summary
 
 
 def _failure(e: BaseException) -> dict:
     """summary.json's fields for a run that ended with `e`."""
     if isinstance(e, UserInputError):  # a config mistake, bad data, a diverged run
         return new_summary(status=e.status, error=f"{e.label}: {e}")
-    if isinstance(e, KeyboardInterrupt):
+    if isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt):  # Lightning: exit(1)
         return new_summary(status="interrupted")
+    if isinstance(e, Preempted):
+        return new_summary(status="preempted", step=e.step)
     return new_summary(status="failed", error=f"{type(e).__name__}: {e}")
+
+
+def _inside(path: str | None, folder: Path) -> bool:
+    return path is not None and Path(path).resolve().is_relative_to(folder.resolve())
 
 
 def _run_ranks(run_dir: Path, devices: int) -> dict:

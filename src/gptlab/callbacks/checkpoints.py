@@ -2,23 +2,25 @@
 
 Lightning saves the model, optimizer, scheduler, fp16 loss scaler, loop counters and the datamodule's data
 position; gptlab adds the model config, the RNG states (callbacks/random_state.py) and the monitor's counts.
-Every file is taken at the end of a training step (one saved after fit() returned would resume as a new epoch,
-gradient accumulation out of phase) and written atomically: a kill during a save leaves the previous file whole.
+A step's file is taken once all the step writes is written, so that a run resumed from it loses no line of
+metrics.jsonl: at the step's end, after its metrics line (callbacks/step_log.py); or, where a validation follows
+the step, once that has run and logged. Those are the two points Lightning resumes from mid-epoch (one saved after
+fit() returned would resume as a new epoch, gradient accumulation out of phase). Files are written atomically: a
+kill during a save leaves the previous file whole.
 """
 
-import re
 from pathlib import Path
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
+from gptlab.callbacks.preemption import Preemption
 from gptlab.callbacks.step_end import OnOptimizerStepEnd
-from gptlab.config import SHARDED_META, is_sharded_checkpoint
+from gptlab.config import SHARDED_META, STEP_FILE, is_sharded_checkpoint
 from gptlab.files import atomic_open, remove
 
 LAST = "last.ckpt"
-STEP_FILE = re.compile(r"step_(\d{6,})\.ckpt")
 
 
 def step_file(step: int) -> str:
@@ -27,23 +29,38 @@ def step_file(step: int) -> str:
 
 class StepCheckpoints(OnOptimizerStepEnd, Checkpoint):
     """step_XXXXXX.ckpt and last.ckpt every `every_n_steps` optimizer steps, and last.ckpt after the run's last
-    step (its budget, or the step a callback stopped it at). save_top_k: how many step files to keep, newest
-    first (-1: all); last.ckpt always stays.
+    step (its budget, the step a callback stopped it at, or a preemption's). save_top_k: how many step files to
+    keep, newest first (-1: all); last.ckpt always stays.
 
     Saved through trainer.save_checkpoint, on every rank (FSDP's sharded save is a collective). A Checkpoint
     subclass, so Lightning runs it after the other callbacks: the RNG states and counts it saves are the step's."""
 
-    def __init__(self, dirpath: Path, every_n_steps: int, save_top_k: int):
+    def __init__(self, dirpath: Path, every_n_steps: int, save_top_k: int, preemption: Preemption | None = None):
         self.dirpath, self.every_n_steps, self.save_top_k = Path(dirpath), every_n_steps, save_top_k
+        self.preemption = preemption  # last.ckpt also at the step a signal stops the run at
+        self._due: int | None = None  # a step whose files wait for the validation that follows it
 
     def on_optimizer_step_end(self, trainer, pl_module, step: int) -> None:
-        periodic = step % self.every_n_steps == 0
-        if periodic:
+        last = step >= trainer.max_steps or trainer.should_stop  # the run's last step
+        preempted = self.preemption is not None and self.preemption.stopping
+        if not (step % self.every_n_steps == 0 or last or preempted):
+            return
+        if validates_after(trainer, step, last):
+            self._due = step
+        else:
+            self._save(trainer, step)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._due is not None and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save(trainer, self._due)
+            self._due = None
+
+    def _save(self, trainer, step: int) -> None:
+        if step % self.every_n_steps == 0:
             trainer.save_checkpoint(self.dirpath / step_file(step))
             if trainer.is_global_zero:
                 self._prune(step)
-        if periodic or step >= trainer.max_steps or trainer.should_stop:
-            trainer.save_checkpoint(self.dirpath / LAST)
+        trainer.save_checkpoint(self.dirpath / LAST)
 
     def _prune(self, step: int) -> None:
         """Keep the newest save_top_k step files up to `step` (later ones, left by a run resumed from an
@@ -53,6 +70,12 @@ class StepCheckpoints(OnOptimizerStepEnd, Checkpoint):
         steps = sorted(int(m[1]) for p in self.dirpath.iterdir() if (m := STEP_FILE.fullmatch(p.name)))
         for old in [s for s in steps if s <= step][: -self.save_top_k or None]:
             remove(self.dirpath / step_file(old))
+
+
+def validates_after(trainer, step: int, last: bool) -> bool:
+    """Does Lightning run a validation right after optimizer step `step`? Every val_check_batch micro-batches, and
+    after the last step."""
+    return trainer.enable_validation and (last or step * trainer.accumulate_grad_batches % trainer.val_check_batch == 0)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -19,4 +19,4 @@ class MixtureRepeats(OnOptimizerStepEnd):
             if now > before:
                 rank_zero_info(f"data: {source.name} ran out by step {step} and was re-permuted (repeat {now})")
         self._repeats = repeats
-        pl_module.log_dict({f"data/repeats/{s.name}": float(r) for s, r in zip(datamodule.sources, repeats)})
+        pl_module.step_metrics |= {f"data/repeats/{s.name}": float(r) for s, r in zip(datamodule.sources, repeats)}

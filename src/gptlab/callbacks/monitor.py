@@ -2,7 +2,8 @@
 spikes, and the count of updates that were skipped.
 
 An observer: the step itself (gradient norm, non-finite guard, clipping) is GPTModule's, which leaves the
-step's numbers on the host in `step_stats` and what became of its update in `step_outcome`; this logs them.
+step's numbers on the host in `step_stats` and what became of its update in `step_outcome`; this adds them to
+the step's line (`step_metrics`, callbacks/step_log.py).
 Weight statistics of a measuring step (every_n_steps) are computed right after its update, from a copy of the
 weights taken just before it.
 
@@ -70,9 +71,8 @@ class TrainingMonitor(OnOptimizerStepEnd):
         return spike
 
     def _log_step(self, pl_module, host: dict[str, float]) -> None:
-        # CPU tensors: Lightning keeps a logged value on its device, so these add no transfer to the GPU.
         def log(name: str, value: float) -> None:
-            pl_module.log(name, torch.tensor(value, dtype=torch.float64))
+            pl_module.step_metrics[name] = float(value)
 
         if self.cfg.grad_norm:
             log("grad_norm", host["grad_norm"])

@@ -9,6 +9,7 @@ import lightning as L
 from gptlab.callbacks.harness import HarnessEval
 from gptlab.callbacks.hellaswag import HellaSwagEval
 from gptlab.callbacks.throughput import ThroughputMeter
+from gptlab.errors import Preempted
 from gptlab.summary import new_summary, write_summary
 
 
@@ -24,13 +25,17 @@ class RunSummary(L.Callback):
         if trainer.state.fn == "validate":  # a resumed run with no steps left: its checkpoint, validated
             self._write(trainer, pl_module, pl_module.loaded_step or 0)
 
-    def _write(self, trainer, pl_module, step: int) -> None:
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, Preempted):  # stopped at a step boundary, checkpointed: its numbers so far
+            self._write(trainer, pl_module, exception.step, status="preempted")
+
+    def _write(self, trainer, pl_module, step: int, status: str = "completed") -> None:
         """The run's numbers, as the module and the other callbacks (where present) measured them."""
         throughput = next((c.medians() for c in trainer.callbacks if isinstance(c, ThroughputMeter)), {})
         scores = next((c.result for c in trainer.callbacks if isinstance(c, HellaSwagEval)), None) or {}
         harness = next((c.result for c in trainer.callbacks if isinstance(c, HarnessEval)), None)
         summary = new_summary(
-            status="completed",
+            status=status,
             step=step,
             tokens=step * self.tokens_per_step,
             train_loss=pl_module.step_stats.get("loss"),

@@ -1,8 +1,8 @@
 """Training throughput between logging steps, validation time excluded: tokens/s, samples (sequences)/s, the
 optimizer step's time, and MFU where the GPU's peak FLOP/s is known (gptlab.flops; no `mfu` key on CPU).
 
-The hot path only reads the host clock: no .item(), no tensors on the device. The numbers are logged as CPU
-tensors on logging steps, where Lightning reads the loss back anyway. With CUDA running ahead of the host, an
+The hot path only reads the host clock: no .item(), no tensors on the device. The numbers join the step's line
+(GPTModule.step_metrics) on logging steps, as host floats. With CUDA running ahead of the host, an
 interval ends when the host has queued its steps; at a steady state the queue's depth cancels between intervals.
 """
 
@@ -41,8 +41,7 @@ class ThroughputMeter(OnOptimizerStepEnd):
     def on_optimizer_step_end(self, trainer, pl_module, step: int) -> None:
         if step % self.every == 0:
             metrics = self._measure(step - self._start_step, time.perf_counter() - self._start_time)
-            for key, value in metrics.items():
-                pl_module.log(key, torch.tensor(value))  # a CPU tensor: nothing goes to the device
+            pl_module.step_metrics |= metrics
             self.intervals.append(metrics)
             self._mark(step)
 

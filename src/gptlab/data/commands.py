@@ -2,6 +2,7 @@
 data config's folder, stating every key that decides what is written, quoted for Hydra and for a POSIX shell."""
 
 import dataclasses
+import glob
 import os
 import re
 import shlex
@@ -27,12 +28,17 @@ def token_shards_in(folder: Path) -> bool:
 
 def prepare_command(cfg: DataConfig) -> str:
     """The scripts/prepare_data.py command that prepares cfg.dir as cfg describes: every key that decides what the
-    prepare writes and differs from the data option's own value (so that an interrupted prepare resumes)."""
+    prepare writes and differs from the data option's own value (so that an interrupted prepare resumes), with local
+    paths made absolute (the command runs from the repository, the run may have started elsewhere)."""
     args = [f"data={cfg.name}"]
     keys = ("source", "dir") if index.is_token_shards(cfg) else PREPARE_KEYS
     defaults = option_defaults(cfg.name)
     for key in keys:
         value = getattr(cfg, key)
+        if key == "dir":
+            value = os.path.abspath(os.path.expanduser(value))
+        elif key in ("source", "val_source"):
+            value = absolute(value)
         if key in ("source", "dir") or value != defaults.get(key) or (key == "hub_config" and value is not None):
             args.append(f"data.{key}={hydra_value(value)}")
     if not index.is_token_shards(cfg):
@@ -46,6 +52,13 @@ def prepare_command(cfg: DataConfig) -> str:
             if value != default:
                 args.append(f"data.prepare.{key}={hydra_value(value)}")
     return "python scripts/prepare_data.py " + " ".join(shell_quote(a) for a in args)
+
+
+def absolute(source: str | None) -> str | None:
+    """Local files (a file, folder or glob) by their absolute path; a hub id or split name as it is."""
+    if source is None or not (Path(source).expanduser().exists() or glob.has_magic(source)):
+        return source
+    return os.path.abspath(os.path.expanduser(source))
 
 
 def option_defaults(name: str) -> dict:

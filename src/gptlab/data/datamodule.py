@@ -11,6 +11,8 @@ says which source each of its windows comes from, for val/loss/<source>.
 
 import hashlib
 import json
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -30,6 +32,7 @@ from gptlab.data.shuffle import ShuffledBatches
 from gptlab.data.tokenizer import RANKS_SHA256
 from gptlab.errors import ConfigError, UserInputError
 from gptlab.eval.config import EvalConfig
+from gptlab.locks import FolderInUse
 
 AUTO_PREPARED = set(BUILT_IN)  # the built-in corpora are small enough to prepare on first use
 
@@ -53,7 +56,7 @@ class TokenDataModule(L.LightningDataModule):
                 error = unprepared_error(cfg, source.folder, self.folder_key(source))
                 if error is not None:
                     raise error
-                prepare_dataset(cfg)
+                prepare_when_free(cfg)
             manifest = check_dataset(source.folder, RANKS_SHA256, self.cfg.verify_checksums)
         prepared_fraction = manifest.get("val_fraction")  # None: the val split came with the shards
         if self.cfg.mixture or self.cfg.val_source is not None or prepared_fraction in (None, self.cfg.val_fraction):
@@ -208,6 +211,20 @@ class FirstBatches(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batches[i % self.n]
+
+
+def prepare_when_free(cfg: DataConfig, poll_s: float = 1.0) -> dict:
+    """Prepare a built-in corpus on first use. The jobs of a parallel sweep may all find it unprepared: one prepares
+    it, the others wait for its lock (seconds), then find it prepared."""
+    waiting = False
+    while True:
+        try:
+            return prepare_dataset(cfg)
+        except FolderInUse as busy:
+            if not waiting:
+                print(f"Waiting for the data folder: {busy}", file=sys.stderr, flush=True)
+                waiting = True
+            time.sleep(poll_s)
 
 
 def unprepared_error(cfg: DataConfig | None, folder: Path, key: str) -> UserInputError | None:

@@ -35,17 +35,18 @@ from tqdm import tqdm
 
 from gptlab.data.config import DataConfig
 from gptlab.data.sample_corpus import BUILT_IN
-from gptlab.data.shards import MANIFEST, read_header, read_manifest, read_shard, write_manifest
+from gptlab.data.shards import GPT2_VOCAB, MANIFEST, read_header, read_manifest, read_shard, write_manifest
 from gptlab.data.tokenizer import EOT, RANKS_SHA256
 from gptlab.errors import ConfigError, DataError
 from gptlab.files import atomic_write_bytes
+from gptlab.locks import LOCK_FILE
 
 FORMAT = "llm.c token shards, indexed in place (gptlab)"
 # <name>_<split>_<index>.bin (llm.c, modded-nanogpt), <name>_<split>.bin (llm.c's small datasets), or gptlab's own
 SHARD_NAME = re.compile(r"(?:(?P<name>.+?)_)?(?P<split>train|val)(?:_(?P<index>\d+))?\.bin")
-GPT2_VOCAB = EOT + 1
 CHUNK_TOKENS = 1 << 24  # tokens scanned at a time (32 MB)
-INDEX_FILE = re.compile(r".+\.idx|\..+\.tmp\d+")  # what indexing writes into data.dir, before manifest.json
+# what indexing writes into data.dir, before manifest.json
+INDEX_FILE = re.compile(rf".+\.idx|{re.escape(LOCK_FILE)}|\..+\.tmp\d+")
 
 
 @dataclass(frozen=True)
@@ -126,22 +127,40 @@ def index_folder(cfg: DataConfig) -> tuple[Path, bool]:
     return folder, folder.exists() and parents == {folder.resolve()}
 
 
+def check_folder(cfg: DataConfig) -> None:
+    """Refuse a data.dir that holds other files, unless it is the shards' own folder."""
+    from gptlab.data.prepare import foreign_files, shown  # prepare imports this module
+
+    folder, beside = index_folder(cfg)
+    foreign = [] if beside else foreign_files(folder, INDEX_FILE)
+    if foreign:
+        raise ConfigError(
+            "data.dir",
+            f"{folder} holds other files ({shown(foreign)}): the index of token shards goes into an empty or "
+            "new folder, or beside the shards (data.dir=<their folder>); set data.dir to one",
+        )
+
+
+def header(cfg: DataConfig) -> dict:
+    """What indexing cfg.source records in the manifest before its shard list."""
+    return {
+        "format": FORMAT,
+        "source": {"name": cfg.name, "source": cfg.source, "folder": str(layout(cfg.source)[0].path.parent.resolve())},
+        # llm.c's magic 20240520 means GPT-2 ids (its Llama 3 shards have another); every id is checked < 50257
+        "tokenizer": {"name": "gpt2", "ranks_sha256": RANKS_SHA256, "eot": EOT},
+        "val_fraction": None,  # the val split is the val shards
+    }
+
+
 def index_dataset(cfg: DataConfig) -> dict:
     """Index the token shards of cfg.source into cfg.dir (see the module doc) and return the manifest."""
-    from gptlab.data.prepare import foreign_files, shown, worker_pool  # prepare_dataset imports this module
+    from gptlab.data.prepare import worker_pool  # prepare imports this module
 
     shards = layout(cfg.source)
     folder, beside = index_folder(cfg)
     if (folder / MANIFEST).is_file():
         return read_manifest(folder)
-    if not beside:
-        foreign = foreign_files(folder, INDEX_FILE)
-        if foreign:
-            raise ConfigError(
-                "data.dir",
-                f"{folder} holds other files ({shown(foreign)}): the index of token shards goes into an empty or "
-                "new folder, or beside the shards (data.dir=<their folder>); set data.dir to one",
-            )
+    check_folder(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     entries, skipped = [], {"train": 0, "val": 0}
     previous: dict[str, ShardFile] = {}
@@ -178,12 +197,7 @@ def index_dataset(cfg: DataConfig) -> dict:
     for split in ("val", "train"):
         if not any(e["split"] == split and e["tokens"] > e.get("start", 0) for e in entries):
             raise DataError(f"{cfg.source}: the {split} shards hold no whole document (no <|endoftext|>)")
-    manifest = {
-        "format": FORMAT,
-        "source": {"name": cfg.name, "source": cfg.source, "folder": str(shards[0].path.parent.resolve())},
-        # llm.c's magic 20240520 means GPT-2 ids (its Llama 3 shards have another); every id was checked < 50257
-        "tokenizer": {"name": "gpt2", "ranks_sha256": RANKS_SHA256, "eot": EOT},
-        "val_fraction": None,  # the val split is the val shards
+    manifest = header(cfg) | {
         "documents": {split: sum(e["documents"] for e in entries if e["split"] == split) for split in ("train", "val")},
         "left_out_tokens": skipped,  # before each split's first document (see the module doc)
         "shards": entries,

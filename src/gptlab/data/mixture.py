@@ -6,10 +6,10 @@ sequences per pass). A source that runs out is re-permuted (pass j // S, seeded 
 
 Which source each sequence of the run comes from is fixed by stride scheduling, deterministic as Megatron-LM's
 blended datasets (which take the source furthest behind its weight): source k's j-th sequence is due at time
-(j + 1/2) / w_k, and the sequences of all sources are taken in order of due time (ties in source order). Among any first n sequences, source k then supplies
-w_k * n of them to within about one, so the realised token ratios match the weights in every optimizer step, not
-only on average. How many of the first n sequences each source supplies is computed directly (`counts`), so item i
-depends on i alone: a resumed run continues exactly.
+(j + 1/2) / w_k, and the sequences of all sources are taken in order of due time (ties in source order). Among
+any first n sequences, source k then supplies w_k * n of them to within about one, so the realised token ratios
+match the weights in every optimizer step, not only on average. How many of the first n sequences each source
+supplies is computed directly (`counts`), so item i depends on i alone: a resumed run continues exactly.
 
 The G sequences of an optimizer step (G = micro-batch x devices x accumulation) are put in a random order seeded
 by (seed, step) and dealt out as in shuffle.py: micro-batch i of rank r holds the step's sequences

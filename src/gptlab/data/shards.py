@@ -27,6 +27,8 @@ VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MANIFEST = "manifest.json"
+GPT2_VOCAB = 50257  # the ids a shard may hold; every model's vocab_size covers them (gptlab.model_config)
+CHUNK_TOKENS = 1 << 24  # tokens scanned at a time (32 MB)
 
 
 class ShardError(DataError):
@@ -99,7 +101,8 @@ def read_manifest(folder: Path) -> dict:
 
 def check_dataset(folder: Path, tokenizer_sha256: str, verify_checksums: bool) -> dict:
     """Refuse a prepared folder that training would misread: wrong tokenizer, missing, truncated or
-    altered shards, or a split with no tokens. Returns the manifest."""
+    altered shards (with verify_checksums=False: shards holding ids outside the vocabulary), or a split
+    with no tokens. Returns the manifest."""
     manifest = read_manifest(folder)
     prepared_with = manifest.get("tokenizer", {}).get("ranks_sha256")
     if prepared_with != tokenizer_sha256:
@@ -114,12 +117,28 @@ def check_dataset(folder: Path, tokenizer_sha256: str, verify_checksums: bool) -
         path = Path(folder) / entry["file"]  # an absolute `file` (a shard indexed in place) stays as it is
         if not path.is_file():
             raise ShardError(f"{path}: listed in {MANIFEST} but missing")
-        n_tokens = len(read_shard(path))
-        if n_tokens != entry["tokens"]:
-            raise ShardError(f"{path}: holds {n_tokens} tokens, {MANIFEST} says {entry['tokens']}")
-        if verify_checksums and sha256_of(path) != entry["sha256"]:
-            raise ShardError(f"{path}: sha256 differs from {MANIFEST}: the shard was altered or damaged")
+        tokens = read_shard(path)
+        if len(tokens) != entry["tokens"]:
+            raise ShardError(f"{path}: holds {len(tokens)} tokens, {MANIFEST} says {entry['tokens']}")
+        if verify_checksums:  # the shard as prepared: its ids were checked then
+            if sha256_of(path) != entry["sha256"]:
+                raise ShardError(f"{path}: sha256 differs from {MANIFEST}: the shard was altered or damaged")
+        else:  # an id past the model's vocabulary would stop training mid-run, with an IndexError
+            check_token_ids(path, tokens)
     return manifest
+
+
+def check_token_ids(path: Path, tokens: np.ndarray) -> None:
+    """Refuse a shard holding an id outside GPT-2's vocabulary (uint16 goes up to 65535). Cheap next to a checksum:
+    ~10 ms per 100M tokens in the page cache (a read of the file otherwise)."""
+    for at in range(0, len(tokens), CHUNK_TOKENS):
+        chunk = np.asarray(tokens[at : at + CHUNK_TOKENS])
+        if chunk.max() >= GPT2_VOCAB:
+            where = int(np.argmax(chunk >= GPT2_VOCAB))
+            raise ShardError(
+                f"{path}: token {at + where:,} is id {chunk[where]}, outside the vocabulary of {GPT2_VOCAB} GPT-2 ids: "
+                f"the shard is damaged or not GPT-2 tokens (data.verify_checksums=true checks it against {MANIFEST})"
+            )
 
 
 @dataclass(frozen=True)
