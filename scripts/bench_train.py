@@ -177,27 +177,37 @@ def describe(cfg, overrides: list[str], device: torch.device) -> str:
     )
 
 
+def train_device(cfg) -> torch.device:
+    accelerator = cfg.trainer.accelerator
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if on_gpu else "cpu")
+
+
+def run_rounds(cfg, device: torch.device, steps: int, rounds: int, warmup: int, tmp: Path) -> list[tuple[float, float]]:
+    """(gptlab, plain) tokens/s of each round; scripts/gpu_check.py calls this too."""
+    rows = []
+    for r in range(rounds):
+        run_dir = tmp / f"round{r}"
+        if r % 2 == 0:  # ab, ba, ab, ...: the one that runs second is not always the same
+            gptlab, plain = run_gptlab(cfg, warmup, steps, run_dir), run_plain(cfg, warmup, steps, device)
+        else:
+            plain, gptlab = run_plain(cfg, warmup, steps, device), run_gptlab(cfg, warmup, steps, run_dir)
+        rows.append((gptlab, plain))
+        print(f"round {r}: gptlab {gptlab:,.0f} tokens/s, plain {plain:,.0f} tokens/s, ratio {gptlab / plain:.3f}",
+              flush=True)  # fmt: skip
+    return rows
+
+
 def main() -> None:
     bench, overrides = parse_args(sys.argv[1:])
     steps, rounds, warmup = bench["steps"], bench["rounds"], bench["warmup"]
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         cfg = compose_config(overrides, warmup + steps, Path(tmp))
-        accelerator = cfg.trainer.accelerator
-        on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-        device = torch.device("cuda" if on_gpu else "cpu")
+        device = train_device(cfg)
         print(describe(cfg, overrides, device))
         print(f"overrides: {' '.join(overrides) or '(none)'}; {rounds} rounds x {steps} timed steps "
               f"(after {warmup} warm-up steps), gptlab and plain alternating (ab, ba, ...)", flush=True)  # fmt: skip
-        rows = []
-        for r in range(rounds):
-            run_dir = Path(tmp) / f"round{r}"
-            if r % 2 == 0:  # ab, ba, ab, ...: the one that runs second is not always the same
-                gptlab, plain = run_gptlab(cfg, warmup, steps, run_dir), run_plain(cfg, warmup, steps, device)
-            else:
-                plain, gptlab = run_plain(cfg, warmup, steps, device), run_gptlab(cfg, warmup, steps, run_dir)
-            rows.append((gptlab, plain))
-            print(f"round {r}: gptlab {gptlab:,.0f} tokens/s, plain {plain:,.0f} tokens/s, ratio {gptlab / plain:.3f}",
-                  flush=True)  # fmt: skip
+        rows = run_rounds(cfg, device, steps, rounds, warmup, Path(tmp))
     print(f"\n{'round':>5} {'gptlab tok/s':>13} {'plain tok/s':>12} {'ratio':>6}")
     for r, (gptlab, plain) in enumerate(rows):
         print(f"{r:>5} {gptlab:>13,.0f} {plain:>12,.0f} {gptlab / plain:>6.3f}")

@@ -1,4 +1,6 @@
-"""Tables, plots and paired verdicts of a sweep: `python scripts/summarize_sweep.py <sweep folder> [options]`.
+"""Tables, plots and paired verdicts of a sweep: `python scripts/summarize_sweep.py [<sweep folder>] [options]`.
+
+With no folder: the newest sweep under outputs/multiruns/ (the one whose folder changed last).
 
 Reads every job folder's summary.json, .hydra/overrides.yaml (and config.yaml for the seed) and metrics.jsonl,
 and writes into --out (default: the sweep folder) summary.md (per config, mean ± std over seeds, per job, and the
@@ -30,15 +32,20 @@ import argparse
 import math
 from pathlib import Path
 
-from gptlab.errors import exit_on_user_error
+from gptlab.errors import UserInputError, exit_on_user_error
 from gptlab.sweep_summary import HIGHER_IS_BETTER, METRICS, load_sweep, markdown, ranked, write_summary
 from gptlab.sweep_verdicts import compare
 from gptlab.verdict import TESTS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parser().parse_args(argv)
+    if args.sweep is None:
+        args.sweep = newest_sweep(ROOT / "outputs" / "multiruns")
+        print(f"The newest sweep: {args.sweep}")
     sweep = load_sweep(args.sweep)
     verdicts = compare(sweep, args.metric, dict(args.baseline), args.test, args.at_tokens)
     if args.rank_by is not None:
@@ -49,12 +56,21 @@ def main(argv: list[str] | None = None) -> list[Path]:
     return written
 
 
+def newest_sweep(multiruns: Path) -> Path:
+    """The sweep folder that changed last (a sweep's folder changes as each of its jobs starts)."""
+    sweeps = [p for p in multiruns.iterdir() if p.is_dir()] if multiruns.is_dir() else []
+    if not sweeps:
+        raise UserInputError(f"no sweep in {multiruns}: give the sweep folder, summarize_sweep.py <folder>")
+    return max(sweeps, key=lambda p: p.stat().st_mtime)
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("sweep", type=Path, help="a sweep folder, e.g. outputs/multiruns/<date>_<time>_<uid>")
+    parser.add_argument("sweep", type=Path, nargs="?", default=None,
+                        help="a sweep folder, e.g. outputs/multiruns/<date>_<time>_<uid> (default: the newest)")
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument("--by-seed", action="store_true", help="print the per-job table as well")
     shown.add_argument("--group-seeds", dest="by_seed", action="store_false", help="print per config (default)")

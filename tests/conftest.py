@@ -74,6 +74,15 @@ def kill_once(cmd: list[str], env: dict, cwd: Path, target: Path, timeout: float
     return proc.returncode
 
 
+def wait_for(condition, timeout: float = 120, every: float = 0.1) -> bool:
+    """Poll `condition()` until it holds or `timeout` seconds pass; its last value. For files another process writes
+    in its own time (W&B's service): a busy machine delays them, and a test must not race them."""
+    deadline = time.monotonic() + timeout
+    while not (held := condition()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return held
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """Every record of a run's metrics.jsonl, in order (a line cut short fails the test)."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

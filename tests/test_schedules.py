@@ -192,12 +192,10 @@ def test_every_option_keeps_the_ratio_of_param_groups(option):
 # (overrides on the default 48-step run, the key the error must name)
 BAD = {
     "warmup_negative": (["scheduler=linear", "scheduler.warmup_steps=-1"], "scheduler.warmup_steps"),
-    "warmup_longer_than_run": (["scheduler=constant", "scheduler.warmup_steps=49"], "scheduler.warmup_steps"),
     "min_lr_ratio_above_1": (["scheduler=linear", "scheduler.min_lr_ratio=1.5"], "scheduler.min_lr_ratio"),
     "min_lr_ratio_negative": (["scheduler=cosine_restarts", "scheduler.min_lr_ratio=-0.1"], "scheduler.min_lr_ratio"),
     "decay_fraction_zero": (["scheduler=wsd", "scheduler.decay_fraction=0"], "scheduler.decay_fraction"),
     "decay_fraction_above_1": (["scheduler=wsd", "scheduler.decay_fraction=1.5"], "scheduler.decay_fraction"),
-    "decay_overlaps_warmup": (["scheduler=wsd", "scheduler.warmup_steps=40"], "scheduler.decay_fraction"),
     "decay_shape": (["scheduler=wsd", "scheduler.decay_shape=cubic"], "scheduler.decay_shape"),
     "d_model_zero": (["scheduler=inverse_sqrt", "scheduler.d_model=0"], "scheduler.d_model"),
     "step_size_zero": (["scheduler=step", "scheduler.step_size=0"], "scheduler.step_size"),
@@ -216,6 +214,19 @@ def test_bad_scheduler_config_names_the_key(case):
     with pytest.raises(ConfigError) as err:
         load_config(compose_train(overrides))
     assert err.value.key == key and str(err.value).startswith(f"{key}: ")
+
+
+def test_a_warmup_longer_than_the_run_is_capped_at_the_run():
+    """Any budget of one step or more runs on the default warmup: a 4-step run warms up over all 4 steps; wsd's
+    warmup ends where its decay begins; inverse_sqrt's warmup_steps is its rule's and stays."""
+    ramp = [(s + 1) / 48 for s in range(48)]
+    assert multipliers(ConstantConfig(warmup_steps=49), 48, range(48)) == pytest.approx(ramp)
+    assert multipliers(CosineConfig(warmup_steps=8), 4, range(4)) == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    wsd = WSDConfig(warmup_steps=40, decay_fraction=0.2)  # 10 decay steps of 48: warmup 38
+    assert wsd.warmup(48) == 38 and multipliers(wsd, 48, [36, 37, 38]) == pytest.approx([37 / 38, 1.0, 1.0])
+    assert InverseSqrtConfig(warmup_steps=4000).warmup(48) == 4000
+    cfg, plan = load_config(compose_train(["scheduler=wsd", "max_tokens=4096"]))  # 1 step
+    assert plan.total_steps == 1 and cfg.scheduler.warmup(1) == 0
 
 
 def test_edge_values_are_accepted():
@@ -249,8 +260,8 @@ def test_plot_schedules_writes_a_png_of_every_option(tmp_path, capsys):
     lrs, label = script.lr_curve("cosine", 30, ["optimizer.lr=1.0", "scheduler.warmup_steps=0"])
     assert label.startswith("cosine")
     assert lrs == pytest.approx(multipliers(CosineConfig(warmup_steps=0, min_lr_ratio=0.1), 30, range(30)))
-    with pytest.raises(SystemExit) as exit_:  # warmup_steps=8 does not fit in 4 steps: one line, status 2
-        script.main(["--steps", "4", "--out", str(tmp_path / "none.png")])
+    with pytest.raises(SystemExit) as exit_:  # a config mistake: one line, status 2
+        script.main(["--steps", "4", "--out", str(tmp_path / "none.png"), "scheduler.warmup_steps=-1"])
     assert exit_.value.code == 2 and "Config error: scheduler.warmup_steps:" in capsys.readouterr().err
 
 

@@ -47,6 +47,8 @@ def sweep_2x2(tmp_path_factory, data_dir) -> Path:
     proc, folder = sweep(args, out, data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sweep: 0 of 4 jobs failed" in proc.stdout
+    assert f"summary      python scripts/summarize_sweep.py {folder}" in proc.stdout  # how the sweep ends
+    assert "gptlab: done" not in proc.stdout  # no per-job result block in a sweep
     return folder
 
 

@@ -265,10 +265,6 @@ def validate(cfg: TrainConfig, command_line: Sequence[str] = ()) -> tuple[TrainC
         "data.seq_len",
         f"must be <= model.block_size={cfg.model.block_size} (got {cfg.data.seq_len})",
     )
-    try:
-        cfg.scheduler.check_length(total_steps)
-    except ConfigError as e:
-        raise ConfigError(f"scheduler.{e.key}", e.message) from None
     require(
         not (isinstance(cfg.distributed, FSDPConfig) and cfg.precision.trainer_precision == "16-mixed"),
         "precision",

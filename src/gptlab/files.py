@@ -66,6 +66,21 @@ def disk_error(e: OSError, path: Path, existed: bool) -> DiskError:
     return DiskError(f"{e.strerror or os.strerror(e.errno)} while writing {path}{free}; {kept}")
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make `target` a second name of `source`'s file (a hard link), atomically: readers see the old target or the
+    new one. Where the file system has no hard links, a copy, written atomically."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        with atomic_open(target) as f, open(source, "rb") as src:
+            shutil.copyfileobj(src, f)
+        return
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
 def atomic_write_bytes(path: Path, *chunks: bytes | memoryview) -> None:
     """Write chunks to `path` atomically (see atomic_open)."""
     with atomic_open(path) as f:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -17,12 +16,14 @@ from gptlab.callbacks.mixture import MixtureRepeats
 from gptlab.callbacks.monitor import TrainingMonitor
 from gptlab.callbacks.preemption import Preemption
 from gptlab.callbacks.profiler import TorchProfiler
+from gptlab.callbacks.progress import StepProgressBar
 from gptlab.callbacks.random_state import RandomState
 from gptlab.callbacks.step_log import StepLog
 from gptlab.callbacks.stopping import StoppingThreshold
 from gptlab.callbacks.summary import RunSummary
 from gptlab.callbacks.throughput import ThroughputMeter
 from gptlab.config import CHECKPOINTS_DIR, RunPlan, TrainConfig
+from gptlab.console import quiet_console, say
 from gptlab.data.config import DataConfig, data_sources
 from gptlab.data.datamodule import TokenDataModule
 from gptlab.distributed import build_strategy
@@ -38,13 +39,15 @@ def fit(cfg: TrainConfig, plan: RunPlan, run_dir: Path, started: float, resume: 
     """Train, or, resumed from a checkpoint with no steps left, validate it; summary.json (rank 0) says what came
     of it. cfg has passed gptlab.config.load_config, and cfg.ckpt_path is resume.path (gptlab.resume.find_resume);
     started: time.time() when the job began."""
+    quiet_console()  # gptlab's lines on the console and in train.log; third-party chatter in train.log only
     write_provenance(run_dir)  # rank 0: command line, git commit and diff, package versions
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # 0 is a valid seed
     torch.set_float32_matmul_precision(cfg.precision.matmul_precision)
     module = GPTModule(cfg, plan)
     datamodule = TokenDataModule(cfg.data, cfg.eval, plan, cfg.seed)
     callbacks = build_callbacks(cfg, plan, run_dir)
-    callbacks.append(RunSummary(run_dir, started, cfg.seed, plan.tokens_per_step))
+    sample = (cfg.eval.sample_prompt, cfg.eval.sample_tokens)
+    callbacks.append(RunSummary(run_dir, started, cfg.seed, plan.tokens_per_step, sample))
     overrides, choices = hydra_overrides(), hydra_choices()
     loggers = build_loggers(cfg, run_dir, run_name=",".join(overrides) or run_dir.name)
     for logger in loggers:
@@ -80,7 +83,7 @@ def build_callbacks(cfg: TrainConfig, plan: RunPlan, run_dir: Path) -> list[L.Ca
         StepLog(cfg.trainer.log_every_n_steps),  # after those that measure the step
     ]
     if cfg.callbacks.progress_bar_refresh_rate > 0:
-        callbacks.append(TQDMProgressBar(refresh_rate=cfg.callbacks.progress_bar_refresh_rate))
+        callbacks.append(StepProgressBar(plan.total_steps, cfg.callbacks.progress_bar_refresh_rate))
     return [c for c in callbacks if c is not None]
 
 
@@ -137,6 +140,12 @@ def _architecture(m) -> str:
     return ", ".join(parts)
 
 
+def _warmup(scheduler, total_steps: int) -> str:
+    """The warmup's steps, and scheduler.warmup_steps where the run's length capped it."""
+    steps, asked = scheduler.warmup(total_steps), scheduler.warmup_steps
+    return f"{steps}" if steps == asked else f"{steps}: scheduler.warmup_steps={asked} capped to fit the run"
+
+
 def _depth(m) -> str:
     """How the sizes were set, where the depth dial set them."""
     return "" if m.depth is None else f" (depth {m.depth}, aspect ratio {m.aspect_ratio}, head_dim {m.head_dim})"
@@ -184,7 +193,7 @@ def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, r
         "accumulation steps, the same updates",
         f"budget     {plan.total_steps:,} steps = {plan.total_tokens:,} tokens, set by {plan.budget}; "
         f"lr {cfg.optimizer.lr:g} ({choices.get('optimizer', cfg.optimizer.name)}, "
-        f"{choices.get('scheduler', cfg.scheduler.name)}, warmup {cfg.scheduler.warmup_steps})",
+        f"{choices.get('scheduler', cfg.scheduler.name)}, warmup {_warmup(cfg.scheduler, plan.total_steps)})",
         f"hardware   {trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x "
         f"{plan.world_size} ({_parallelism(cfg)}), precision {cfg.precision.name} ({cfg.precision.trainer_precision}), "
         f"torch {torch.__version__}, python {platform.python_version()}",
@@ -194,6 +203,6 @@ def _print_header(cfg: TrainConfig, plan: RunPlan, module: GPTModule, trainer, r
         f"run folder {run_dir}",
         *([f"resume     {resume.note}"] if resume.note else []),
     ]
-    print("\n".join(["gptlab", *(f"  {r}" for r in rows)]), flush=True)
+    say("\n".join(["gptlab", *(f"  {r}" for r in rows)]))
 
 

@@ -57,6 +57,24 @@ def generate(
     return idx
 
 
+def greedy_text(model, prompt: str, max_new_tokens: int) -> str:
+    """`prompt` and the model's greedy continuation (cut at <|endoftext|>): the sample a run's result block
+    shows. Run eagerly, in eval mode (restored after): a compiled model would recompile for every length."""
+    from gptlab.data.tokenizer import EOT, gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    ids = tokenizer.encode_ordinary(prompt) or [EOT]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            idx = torch.tensor([ids], device=next(model.parameters()).device)
+            new = generate(model, idx, max_new_tokens, temperature=0, vocab_size=EOT + 1)[0, len(ids) :].tolist()
+    finally:
+        model.train(was_training)
+    return prompt + tokenizer.decode(new[: new.index(EOT)] if EOT in new else new)
+
+
 def crop(idx: torch.Tensor, block_size: int) -> torch.Tensor:
     """The last block_size tokens (what the position embedding covers), as a fresh contiguous tensor:
     a compiled model guards on strides and views, and would recompile for a sliced view."""

@@ -88,10 +88,21 @@ def build_loggers(cfg: TrainConfig, run_dir: Path, run_name: str) -> list[Logger
                 job_type=cfg.logger.job_type,
                 tags=_wandb_tags(cfg),
                 mode=cfg.logger.mode,  # passed to wandb.init; unlike offline=True it leaves WANDB_MODE alone
+                settings=_quiet_wandb(),
                 config={"resumed_from_wandb_id": resumed_from} if resumed_from else None,
             )
         )
     return loggers
+
+
+def _quiet_wandb():
+    """W&B's console output off (its own log is in <run>/wandb/): the run's result block says where the run is
+    and how to sync it."""
+    import wandb
+
+    settings = wandb.Settings(silent=True)
+    wandb.setup(settings)  # before wandb.init: its warnings about init's own arguments come first
+    return settings
 
 
 def _wandb_group(cfg: TrainConfig) -> str | None:

@@ -107,7 +107,8 @@ def _git(cwd: Path, *args: str, strip: bool = True) -> str | None:
 
 def rerun_overrides(run_dir: Path, extra: list[str] = ()) -> list[str]:
     """The run's overrides (<run>/.hydra/overrides.yaml) with `extra` added; an extra one replaces the run's own
-    override of the same key (seed=1 replaces seed=0)."""
+    override of the same key (seed=1 replaces seed=0). A ckpt_path that resumed the run in its own folder (auto,
+    or the folder's own checkpoint) is left out: it continued the run, it did not start it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
@@ -121,8 +122,16 @@ def rerun_overrides(run_dir: Path, extra: list[str] = ()) -> list[str]:
         return o.key_or_group + (f"@{o.package}" if o.package else "")
 
     replaced = {key(o) for o in parser.parse_overrides(list(extra))}
-    kept = [s for s, o in zip(saved, parser.parse_overrides(saved)) if key(o) not in replaced]
+    kept = [s for s, o in zip(saved, parser.parse_overrides(saved))
+            if key(o) not in replaced and not _resumed_in_place(o, run_dir)]  # fmt: skip
     return [*kept, *extra]
+
+
+def _resumed_in_place(override, run_dir: Path) -> bool:
+    if override.key_or_group != "ckpt_path":
+        return False
+    value = str(override.value())
+    return value == "auto" or Path(value).resolve().is_relative_to(Path(run_dir).resolve())
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

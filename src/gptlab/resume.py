@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from gptlab.config import (
     BUDGET_KEYS,
     CHECKPOINTS_DIR,
@@ -52,6 +54,45 @@ class Resume:
     path: str | None
     step: int
     note: str
+
+
+def config_in_place(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, list[str] | None]:
+    """A run resumed in its own folder (ckpt_path=auto, or the folder or one of its checkpoints) needs nothing but
+    the folder: its config is composed again from the overrides the run recorded (.hydra/overrides.yaml), this
+    command's added (a key given again takes this command's value, e.g. a longer budget). Returns that config and
+    the overrides to record (the resume's ckpt_path left out, so that rerun.py starts the run afresh); for any
+    other run, or outside a Hydra app, (cfg, None)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or not resumes_in(cfg.get("ckpt_path"), run_dir):
+        return cfg, None
+    if not (run_dir / ".hydra" / "overrides.yaml").is_file():
+        return cfg, None
+    from hydra import compose
+
+    from gptlab.errors import composition_error
+    from gptlab.provenance import rerun_overrides
+
+    given = list(HydraConfig.get().overrides.task)
+    overrides = rerun_overrides(run_dir, given)
+    if any(_key(o) in BUDGET_KEYS for o in given):  # a new budget replaces the run's, whichever key set that
+        overrides = [o for o in overrides if _key(o) not in BUDGET_KEYS or o in given]
+    try:
+        composed = compose(config_name=HydraConfig.get().job.config_name, overrides=overrides)
+    except Exception as e:  # e.g. a recorded override that today's conf/ no longer has
+        raise composition_error(e) or e from None
+    return composed, [o for o in overrides if not o.startswith("ckpt_path=")]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def resumes_in(ckpt_path: str | None, run_dir: Path) -> bool:
+    """Does ckpt_path resume the run of run_dir in it: auto, the folder itself, or a checkpoint in it?"""
+    if ckpt_path is None:
+        return False
+    return ckpt_path == AUTO or Path(ckpt_path).resolve().is_relative_to(Path(run_dir).resolve())
 
 
 def find_resume(cfg: TrainConfig, run_dir: Path) -> Resume:

@@ -1,11 +1,11 @@
 """A run folder belongs to one run.
 
 While a run trains, its folder is locked (gptlab.locks): a second run started into it fails at once, naming the
-first. A fresh run is refused a folder that holds another run's results (summary.json, metrics.jsonl,
-checkpoints/) unless it resumes that run (ckpt_path into the folder, or auto) or `overwrite=true` asks for them to
-be deleted first. Nothing is written into such a folder before the run is admitted: a resume that fails its checks
-leaves the folder as it was. That includes .hydra/ (the config, Hydra's settings, the overrides), which gptlab
-writes itself, as Hydra would, once the folder is the run's (conf/hydra/default.yaml: output_subdir null).
+first. A fresh run is refused a folder that holds another run's results (metrics.jsonl, checkpoints/) unless it
+resumes that run (ckpt_path into the folder, or auto) or `overwrite=true` asks for them to be deleted first.
+Nothing is written into such a folder before the run is admitted: a resume that fails its checks leaves the folder
+as it was. That includes .hydra/ (the config, Hydra's settings, the overrides), which gptlab writes itself, as
+Hydra would, once the folder is the run's (conf/hydra/default.yaml: output_subdir null).
 
 Only one process per run claims and records: rank 0, and for a multirun job on several devices the job itself
 (it holds the folder for the ranks it starts, which see GPTLAB_RUN_FOLDER_HELD).
@@ -22,9 +22,9 @@ from gptlab.errors import ConfigError
 from gptlab.files import atomic_write_bytes, remove
 from gptlab.launch import global_rank
 from gptlab.locks import LOCK_FILE, FolderLock
-from gptlab.summary import SUMMARY_FILE
 
-RESULTS = (SUMMARY_FILE, "metrics.jsonl", CHECKPOINTS_DIR)  # a folder holding any of these holds a run
+# A folder holding either holds a run that trained; a summary.json alone is a run that failed before its first step.
+RESULTS = ("metrics.jsonl", CHECKPOINTS_DIR)
 HYDRA_RECORD = ".hydra"
 HELD_BY_JOB = "GPTLAB_RUN_FOLDER_HELD"  # in the environment of the ranks a multirun job starts (gptlab.launch)
 
@@ -53,9 +53,10 @@ class RunFolder:
         """May this process write a failed run's summary.json here? Not over another run's results."""
         return self.writer and not self.held_run
 
-    def admit(self, resumes_here: bool, overwrite: bool) -> None:
+    def admit(self, resumes_here: bool, overwrite: bool, task_cfg: DictConfig, overrides: list[str] | None) -> None:
         """Let the run write into the folder: a new one, the run it resumes, or (overwrite) after deleting the
-        results it holds. Anything else is a ConfigError, and the folder is left as it was."""
+        results it holds. Anything else is a ConfigError, and the folder is left as it was. task_cfg, overrides:
+        what .hydra/ records of the run (overrides None: this command's)."""
         if not self.held_run:
             return
         if not (resumes_here or overwrite):
@@ -68,7 +69,7 @@ class RunFolder:
         if not resumes_here:
             clear(self.path)
         self.held_run = False
-        record_config(self.path, self.task_cfg)
+        record_config(self.path, task_cfg, overrides)
 
 
 def holds_run(folder: Path) -> bool:
@@ -86,16 +87,17 @@ def clear(folder: Path) -> None:
             remove(path)
 
 
-def record_config(folder: Path, task_cfg: DictConfig) -> None:
-    """<folder>/.hydra/: config.yaml (the composed config), hydra.yaml (Hydra's), overrides.yaml, as Hydra writes
-    them when its output_subdir is set. Nothing outside a Hydra app (a config composed in a test)."""
+def record_config(folder: Path, task_cfg: DictConfig, overrides: list[str] | None = None) -> None:
+    """<folder>/.hydra/: config.yaml (the composed config), hydra.yaml (Hydra's), overrides.yaml (by default this
+    command's), as Hydra writes them when its output_subdir is set. Nothing outside a Hydra app (a config composed
+    in a test)."""
     if not HydraConfig.initialized():
         return
     hydra = HydraConfig.get()
     record = {
         "config.yaml": task_cfg,
         "hydra.yaml": OmegaConf.create({"hydra": hydra}),
-        "overrides.yaml": hydra.overrides.task,
+        "overrides.yaml": OmegaConf.create(list(hydra.overrides.task) if overrides is None else overrides),
     }
     for name, cfg in record.items():
         atomic_write_bytes(folder / HYDRA_RECORD / name, OmegaConf.to_yaml(cfg).encode())

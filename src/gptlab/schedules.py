@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Optional
 
 from omegaconf import MISSING
 
-from gptlab.schema import at_least, in_range, knob, non_negative, one_of, option, optional, require
+from gptlab.schema import at_least, in_range, knob, non_negative, one_of, option, optional
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,13 @@ class ScheduleConfig:
     """What every option has: a linear warmup, then the option's decay."""
 
     name: str = MISSING  # the option (conf/scheduler/<name>.yaml)
-    warmup_steps: int = knob(8, non_negative)  # step s < warmup_steps uses lr x (s+1)/warmup_steps; 0: no warmup
+    # step s < warmup_steps uses lr x (s+1)/warmup_steps; 0: no warmup; capped at the run's length (see warmup)
+    warmup_steps: int = knob(8, non_negative)
+
+    def warmup(self, total_steps: int) -> int:
+        """The warmup in a run of total_steps: warmup_steps, or the whole run where that is shorter, so that any
+        budget of one step or more runs (the run's header says when the cap applies)."""
+        return min(self.warmup_steps, total_steps)
 
     def decay(self, total_steps: int) -> Multiplier:
         """t = steps since warmup ended -> multiplier, 1 at t = 0."""
@@ -48,16 +54,7 @@ class ScheduleConfig:
 
     def multiplier(self, total_steps: int, d_model: int) -> Multiplier:
         """The whole schedule; d_model (the model's width) is for inverse_sqrt."""
-        return with_warmup(self.decay(total_steps), self.warmup_steps)
-
-    def check_length(self, total_steps: int) -> None:
-        """Does the schedule fit a run of total_steps (gptlab.config.validate asks once the budget is known)?"""
-        require(
-            self.warmup_steps <= total_steps,
-            "warmup_steps",
-            f"is longer than the run: {self.warmup_steps} > {total_steps} optimizer steps "
-            f"(set scheduler.warmup_steps to at most {total_steps})",
-        )
+        return with_warmup(self.decay(total_steps), self.warmup(total_steps))
 
 
 @option("scheduler")
@@ -70,7 +67,7 @@ class CosineConfig(ScheduleConfig):
     min_lr_ratio: float = knob(0.1, ratio)  # the LR ends at min_lr = min_lr_ratio x optimizer.lr
 
     def decay(self, total_steps: int) -> Multiplier:
-        span = total_steps - self.warmup_steps
+        span = total_steps - self.warmup(total_steps)
         return lambda t: _toward(self.min_lr_ratio, 0.5 * (1 + math.cos(math.pi * _progress(t, span))))
 
 
@@ -84,7 +81,7 @@ class LinearConfig(ScheduleConfig):
     min_lr_ratio: float = knob(0.0, ratio)  # the LR ends at min_lr = min_lr_ratio x optimizer.lr
 
     def decay(self, total_steps: int) -> Multiplier:
-        span = total_steps - self.warmup_steps
+        span = total_steps - self.warmup(total_steps)
         return lambda t: _toward(self.min_lr_ratio, 1 - _progress(t, span))
 
 
@@ -108,21 +105,15 @@ class WSDConfig(ScheduleConfig):
     def decay_steps(self, total_steps: int) -> int:
         return max(1, round(self.decay_fraction * total_steps))
 
+    def warmup(self, total_steps: int) -> int:
+        """Capped so as to end where the decay begins."""
+        return min(self.warmup_steps, total_steps - self.decay_steps(total_steps))
+
     def decay(self, total_steps: int) -> Multiplier:
         decay_steps = self.decay_steps(total_steps)
-        stable = total_steps - self.warmup_steps - decay_steps
+        stable = total_steps - self.warmup(total_steps) - decay_steps
         shape = DECAY_SHAPES[self.decay_shape]
         return lambda t: 1.0 if t < stable else _toward(self.min_lr_ratio, shape(_progress(t - stable, decay_steps)))
-
-    def check_length(self, total_steps: int) -> None:
-        super().check_length(total_steps)
-        decay = self.decay_steps(total_steps)
-        require(
-            self.warmup_steps + decay <= total_steps,
-            "decay_fraction",
-            f"{self.decay_fraction} of the run is {decay} decay steps, which overlap the {self.warmup_steps} warmup "
-            f"steps (together more than the run's {total_steps} steps)",
-        )
 
 
 @option("scheduler")
@@ -131,10 +122,14 @@ class InverseSqrtConfig(ScheduleConfig):
     """"Attention Is All You Need" (Vaswani et al. 2017), eq. 3: d_model^-0.5 * min(n^-0.5, n * warmup_steps^-1.5),
     n = step + 1. Exactly that expression, so optimizer.lr scales it and optimizer.lr=1 is the paper's rule (there
     warmup_steps=4000): linear growth for warmup_steps steps, peaking at (d_model * warmup_steps)^-0.5, then
-    proportional to 1/sqrt(n). warmup_steps=0: no warmup, d_model^-0.5 * n^-0.5 from the first step."""
+    proportional to 1/sqrt(n). warmup_steps=0: no warmup, d_model^-0.5 * n^-0.5 from the first step. The rule's
+    warmup_steps is not capped at the run's length: it sets the rule's peak too."""
 
     name: str = "inverse_sqrt"
     d_model: Optional[int] = knob(None, optional(at_least(1)))  # the d_model of the rule; null: model.n_embd
+
+    def warmup(self, total_steps: int) -> int:
+        return self.warmup_steps
 
     def multiplier(self, total_steps: int, d_model: int) -> Multiplier:
         d_model, warmup = self.d_model or d_model, self.warmup_steps

@@ -13,7 +13,7 @@ SUMMARY_KEYS = (
     "status", "step", "tokens", "train_loss", "val_loss", "val_loss_initial", "val_bpb", "val_bpb_initial",
     "hellaswag_acc", "hellaswag_acc_norm", "hellaswag_acc_bytes", "hellaswag_n", "harness", "data_mixture",
     "val_by_source",
-    "tokens_per_s", "samples_per_s", "step_time_ms", "mfu", "wall_s", "seed", "params", "run_dir", "error",
+    "tokens_per_s", "samples_per_s", "step_time_ms", "mfu", "wall_s", "seed", "params", "run_dir", "sample", "error",
 )  # fmt: skip
 
 

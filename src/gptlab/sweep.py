@@ -7,6 +7,7 @@ job's summary.json and returns, and `SweepReport` reads every job's summary.json
 """
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -52,15 +53,16 @@ def job_statuses(sweep_dir: Path) -> dict[str, str]:
 
 
 class SweepReport(Callback):
-    """At the end of a multirun, one line: `sweep: N of M jobs failed: <folders>`; exit status N (capped at
-    125, above which shells give codes other meanings) when N > 0, so a script or CI sees failed sweeps."""
+    """At the end of a multirun: `sweep: N of M jobs failed: <folders>`, the sweep's folder and the command that
+    summarizes it; exit status N (capped at 125, above which shells give codes other meanings) when N > 0, so a
+    script or CI sees failed sweeps."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        jobs = job_statuses(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = job_statuses(sweep_dir)
         failed = [f"{folder} ({status})" for folder, status in jobs.items() if status != "completed"]
         line = f"sweep: {len(failed)} of {len(jobs)} jobs failed"
-        if not failed:
-            print(line)
-            return
-        print(f"{line}: {', '.join(failed)}", file=sys.stderr)
-        sys.exit(min(len(failed), 125))
+        print(f"{line}: {', '.join(failed)}" if failed else line, file=sys.stderr if failed else sys.stdout)
+        print(f"sweep folder {sweep_dir}\nsummary      python scripts/summarize_sweep.py {shlex.quote(str(sweep_dir))}")
+        if failed:
+            sys.exit(min(len(failed), 125))

@@ -19,11 +19,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from gptlab.config import load_config
+from gptlab.console import say
 from gptlab.errors import Preempted, UserInputError
 from gptlab.launch import run_ranks, runs_ranks_as_children
 from gptlab.locks import FolderInUse
 from gptlab.preflight import check_run
-from gptlab.resume import AUTO, find_resume
+from gptlab.report import result_block
+from gptlab.resume import AUTO, config_in_place, find_resume, resumes_in
 from gptlab.run_folder import RunFolder
 from gptlab.summary import new_summary, read_summary, write_summary
 from gptlab.sweep import in_multirun
@@ -52,18 +54,22 @@ def run(cfg: DictConfig) -> dict:
 
 def _train(cfg: DictConfig, folder: RunFolder, started: float) -> dict:
     run_dir = folder.path
-    train_cfg, plan = load_config(cfg)  # once: what follows receives the typed config
+    cfg, overrides = config_in_place(cfg, run_dir)  # resuming in the run's folder: the run's own overrides too
+    train_cfg, plan = load_config(cfg, overrides)  # once: what follows receives the typed config
     resume = find_resume(train_cfg, run_dir)  # the checkpoint ckpt_path names, and whether this config continues it
     train_cfg = dataclasses.replace(train_cfg, ckpt_path=resume.path)
     check_run(train_cfg, run_dir)  # the accelerator is here, the folder writable: before Lightning, before a step
-    folder.admit(resumes_here=_inside(resume.path, run_dir), overwrite=train_cfg.overwrite or cfg.ckpt_path == AUTO)
+    folder.admit(resumes_in(resume.path, run_dir), train_cfg.overwrite or cfg.ckpt_path == AUTO, cfg, overrides)
     if runs_ranks_as_children(in_multirun(), plan.world_size):
         return _run_ranks(run_dir, train_cfg.trainer.devices)
     from gptlab.fit import fit  # Lightning takes seconds to import: only once the config is known good
 
     fit(train_cfg, plan, run_dir, started, resume)  # writes summary.json (rank 0)
     _finish_wandb(exit_code=0)
-    return read_summary(run_dir) or new_summary(status="completed")  # ranks > 0 have none to read
+    summary = read_summary(run_dir) or new_summary(status="completed")  # ranks > 0 have none to read
+    if folder.writer and summary["status"] == "completed" and not in_multirun():
+        say(result_block(summary, run_dir))  # the last screen: after W&B's own lines
+    return summary
 
 
 def _failed(e: BaseException, cfg: DictConfig, folder: RunFolder, started: float, record: bool) -> dict:
@@ -94,10 +100,6 @@ def _failure(e: BaseException) -> dict:
     if isinstance(e, Preempted):
         return new_summary(status="preempted", step=e.step)
     return new_summary(status="failed", error=f"{type(e).__name__}: {e}")
-
-
-def _inside(path: str | None, folder: Path) -> bool:
-    return path is not None and Path(path).resolve().is_relative_to(folder.resolve())
 
 
 def _run_ranks(run_dir: Path, devices: int) -> dict:

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from gptlab.callbacks.preemption import Preemption
 from gptlab.callbacks.step_end import OnOptimizerStepEnd
 from gptlab.config import SHARDED_META, STEP_FILE, is_sharded_checkpoint
-from gptlab.files import atomic_open, remove
+from gptlab.files import atomic_open, link_or_copy, remove
 
 LAST = "last.ckpt"
 
@@ -56,11 +56,17 @@ class StepCheckpoints(OnOptimizerStepEnd, Checkpoint):
             self._due = None
 
     def _save(self, trainer, step: int) -> None:
+        last = self.dirpath / LAST
         if step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.dirpath / step_file(step))
+            path = self.dirpath / step_file(step)
+            trainer.save_checkpoint(path)
             if trainer.is_global_zero:
                 self._prune(step)
-        trainer.save_checkpoint(self.dirpath / LAST)
+            if trainer.strategy.broadcast(path.is_file()):  # one file (not a sharded folder): every rank alike
+                if trainer.is_global_zero:
+                    link_or_copy(path, last)  # the same bytes under a second name: no second save, no more disk
+                return
+        trainer.save_checkpoint(last)
 
     def _prune(self, step: int) -> None:
         """Keep the newest save_top_k step files up to `step` (later ones, left by a run resumed from an

@@ -17,7 +17,7 @@ class CheckpointConfig:
     """<run>/checkpoints/, each file written atomically (a kill mid-save keeps the previous one)."""
 
     every_n_steps: int = knob(500, at_least(1))  # step_XXXXXX.ckpt and last.ckpt every N steps, last.ckpt at the end
-    save_top_k: int = knob(-1, at_least(-1))  # periodic checkpoints kept, newest first (-1: all); last.ckpt stays
+    save_top_k: int = knob(3, at_least(-1))  # periodic checkpoints kept, newest first (-1: all); last.ckpt stays
 
 
 @dataclass
@@ -68,4 +68,4 @@ class CallbacksConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
-    progress_bar_refresh_rate: int = knob(1, non_negative)  # 0 hides the progress bar
+    progress_bar_refresh_rate: int = knob(1, non_negative)  # the bar's numbers every N optimizer steps; 0 hides it

@@ -13,6 +13,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 from gptlab.callbacks.config import ProfilerConfig
 from gptlab.callbacks.step_end import OnOptimizerStepEnd
+from gptlab.console import say
 
 
 class TorchProfiler(OnOptimizerStepEnd):
@@ -74,4 +75,4 @@ class TorchProfiler(OnOptimizerStepEnd):
             table = prof.key_averages().table(sort_by=self.cfg.sort_by, row_limit=self.cfg.row_limit)
             (self.out_dir / "top_ops.txt").write_text(table + "\n")
             lines.append(table)
-        print("\n".join(lines), flush=True)
+        say("\n".join(lines))

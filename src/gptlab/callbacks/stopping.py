@@ -7,6 +7,9 @@ checks the loss of every optimizer step, so an overfitting run ends at the first
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from gptlab.callbacks.step_end import OnOptimizerStepEnd
+from gptlab.console import say
+
+_say = rank_zero_only(say)  # every rank decides alike; one says so
 
 
 class StoppingThreshold(OnOptimizerStepEnd):
@@ -19,7 +22,7 @@ class StoppingThreshold(OnOptimizerStepEnd):
         if loss < self.threshold:
             self.reached_at = step
             trainer.should_stop = True
-            _print(f"stopping_threshold: train/loss {loss:.4f} < {self.threshold:g} at step {step}; stopping")
+            _say(f"stopping_threshold: train/loss {loss:.4f} < {self.threshold:g} at step {step}; stopping")
 
     def on_train_end(self, trainer, pl_module) -> None:
         reached = self.reached_at is not None
@@ -31,7 +34,3 @@ class StoppingThreshold(OnOptimizerStepEnd):
                 f"{trainer.global_step} steps (the run's budget); raise the budget or the learning rate"
             )
 
-
-@rank_zero_only
-def _print(message: str) -> None:
-    print(message, flush=True)

@@ -1,5 +1,6 @@
 """Write summary.json from inside the run, on rank 0, once it has trained (or, resumed with no steps left,
-validated): whichever way the ranks were started, the file holds what they measured."""
+validated): whichever way the ranks were started, the file holds what they measured. A run on one device also
+keeps a short greedy sample of its model's text (eval.sample_tokens), for the result block."""
 
 import time
 from pathlib import Path
@@ -10,13 +11,17 @@ from gptlab.callbacks.harness import HarnessEval
 from gptlab.callbacks.hellaswag import HellaSwagEval
 from gptlab.callbacks.throughput import ThroughputMeter
 from gptlab.errors import Preempted
+from gptlab.generate import greedy_text
 from gptlab.summary import new_summary, write_summary
 
 
 class RunSummary(L.Callback):
-    def __init__(self, run_dir: Path, started: float, seed: int, tokens_per_step: int):
-        """started: time.time() when the job began."""
+    def __init__(
+        self, run_dir: Path, started: float, seed: int, tokens_per_step: int, sample: tuple[str, int] = ("", 0)
+    ):
+        """started: time.time() when the job began; sample: (prompt, tokens) of the greedy sample (0: none)."""
         self.run_dir, self.started, self.seed, self.tokens_per_step = run_dir, started, seed, tokens_per_step
+        self.sample_prompt, self.sample_tokens = sample
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, trainer.global_step)
@@ -34,6 +39,7 @@ class RunSummary(L.Callback):
         throughput = next((c.medians() for c in trainer.callbacks if isinstance(c, ThroughputMeter)), {})
         scores = next((c.result for c in trainer.callbacks if isinstance(c, HellaSwagEval)), None) or {}
         harness = next((c.result for c in trainer.callbacks if isinstance(c, HarnessEval)), None)
+        wall_s = round(time.time() - self.started, 2)
         summary = new_summary(
             status=status,
             step=step,
@@ -50,12 +56,20 @@ class RunSummary(L.Callback):
             harness=harness,  # {"<task>/<metric>": value}
             **_mixture(trainer.datamodule, pl_module, step),
             **throughput,  # tokens_per_s, samples_per_s, step_time_ms, mfu (not on CPU)
-            wall_s=round(time.time() - self.started, 2),
+            wall_s=wall_s,
             seed=self.seed,
             params=pl_module.model.num_params(),
             run_dir=str(self.run_dir),
+            sample=self._sample(trainer, pl_module) if status == "completed" else None,
         )
         write_summary(self.run_dir, summary)
+
+
+    def _sample(self, trainer, pl_module) -> str | None:
+        """Not under several ranks: a sharded model generates only with every rank taking part."""
+        if self.sample_tokens == 0 or trainer.world_size > 1:
+            return None
+        return greedy_text(pl_module.model, self.sample_prompt, self.sample_tokens)
 
 
 def _mixture(datamodule, pl_module, step: int) -> dict:

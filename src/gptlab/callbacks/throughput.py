@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from gptlab.callbacks.step_end import OnOptimizerStepEnd
+from gptlab.console import say
 from gptlab.flops import gpu_label, mfu, peak_flops
 
 METRICS = ("tokens_per_s", "samples_per_s", "step_time_ms", "mfu")  # wall-clock: they differ between equal runs
@@ -77,10 +78,9 @@ class ThroughputMeter(OnOptimizerStepEnd):
 @rank_zero_only
 def _announce(flops_per_token: int, peak: float | None, name: str, label: str | None, precision: str) -> None:
     if peak is None:
-        print(f"MFU: not reported on {name} ({precision}): no peak FLOP/s known for it", flush=True)
+        say(f"MFU: not reported on {name} ({precision}): no peak FLOP/s known for it")
     else:
-        print(
+        say(
             f"MFU: PaLM 6N+12LHQT FLOPs/token = {flops_per_token:,} (N without position embeddings), "
             f"peak {peak / 1e12:g} TFLOPS per device ({name} = {label}, {precision}, dense)",
-            flush=True,
         )

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gptlab.config import RunPlan
+from gptlab.console import say
 from gptlab.data import index
 from gptlab.data.commands import prepare_command, quoted, source_config, token_shards_in
 from gptlab.data.config import DataConfig, Source, data_sources
@@ -94,7 +95,7 @@ class TokenDataModule(L.LightningDataModule):
             batches = self.mixture_batches()
             self.check_repeats()
             if rank == 0:
-                print(describe_mixture(self.mixture_report(self.plan.total_steps), self.plan.total_steps), flush=True)
+                say(describe_mixture(self.mixture_report(self.plan.total_steps), self.plan.total_steps))
         elif self.cfg.shuffle:
             batches = ShuffledBatches(self.folder, T, B, self.shuffle_seed, rank, world, align, accumulation=accum)
         else:

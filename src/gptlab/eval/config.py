@@ -65,5 +65,7 @@ class EvalConfig:
     every_n_steps: int = knob(12, at_least(1))  # validation loss every N optimizer steps and after the last one
     at_start: bool = True  # also validate before the first step, to log the starting loss
     val_tokens: int = knob(16384, at_least(1))  # held-out tokens per validation: the same prefix of the val split
+    sample_tokens: int = knob(32, non_negative)  # greedy tokens the result block shows at the end of a run; 0: none
+    sample_prompt: str = "The"  # what the end-of-run sample continues
     hellaswag: HellaSwagConfig = field(default_factory=HellaSwagConfig)
     harness: HarnessConfig = field(default_factory=HarnessConfig)
