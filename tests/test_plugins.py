@@ -65,11 +65,11 @@ def test_hparams_search_preset_is_an_optuna_minimization_of_valid_configs(preset
 
 @pytest.mark.slow
 def test_optuna_sweep_returns_val_loss_and_survives_a_failed_trial(tmp_path, data_dir):
-    """The adamw preset's seeded TPE sampler over warmup {1, 99}: 99 steps > the 2-step run is a config error, so
-    that trial fails and the study goes on; Optuna's best value is the best completed job's final val loss."""
+    """The adamw preset's seeded TPE sampler over warmup {1, -1}: a negative warmup is a config error, so that
+    trial fails and the study goes on; Optuna's best value is the best completed job's final val loss."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep_dir = tmp_path / "optuna"
-    space = ["optimizer.lr=1e-3", "optimizer.weight_decay=0.1", "scheduler.warmup_steps=choice(1,99)"]
+    space = ["optimizer.lr=1e-3", "optimizer.weight_decay=0.1", "scheduler.warmup_steps=choice(1,-1)"]
     proc = _sweep([f"{SEARCH}=adamw", "hydra.sweeper.n_trials=2", *space], sweep_dir, data_dir)
 
     summaries = _summaries(sweep_dir)
@@ -77,7 +77,7 @@ def test_optuna_sweep_returns_val_loss_and_survives_a_failed_trial(tmp_path, dat
     completed = [s for s in summaries if s["status"] == "completed"]
     assert len(summaries) == 2 and len(failed) == 1, proc.stderr[-3000:]  # the seeded sampler draws both values
     assert proc.returncode == 1 and "sweep: 1 of 2 jobs failed" in proc.stderr  # the exit status counts failures
-    assert "scheduler.warmup_steps" in failed[0]["error"] and "warmup_steps=99" in failed[0]["folder"]
+    assert "scheduler.warmup_steps" in failed[0]["error"] and "warmup_steps=-1" in failed[0]["folder"]
     assert "warmup_steps=1" in completed[0]["folder"] and math.isfinite(completed[0]["val_loss"])
 
     results = OmegaConf.load(sweep_dir / "optimization_results.yaml")

@@ -50,8 +50,9 @@ class RunFolder:
 
     @property
     def records_failure(self) -> bool:
-        """May this process write a failed run's summary.json here? Not over another run's results."""
-        return self.writer and not self.held_run
+        """May a failed run's summary.json be written here (by rank 0: gptlab.summary)? Not over another run's
+        results; a multirun job's ranks do write theirs, into the folder the job holds for them."""
+        return not self.held_run
 
     def admit(self, resumes_here: bool, overwrite: bool, task_cfg: DictConfig, overrides: list[str] | None) -> None:
         """Let the run write into the folder: a new one, the run it resumes, or (overwrite) after deleting the
