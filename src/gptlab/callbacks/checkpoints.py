@@ -17,10 +17,9 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from gptlab.callbacks.preemption import Preemption
 from gptlab.callbacks.step_end import OnOptimizerStepEnd
-from gptlab.config import SHARDED_META, STEP_FILE, is_sharded_checkpoint
+from gptlab.config import LAST_CHECKPOINT, STEP_FILE
 from gptlab.files import atomic_open, link_or_copy, remove
-
-LAST = "last.ckpt"
+from gptlab.resume import read_meta
 
 
 def step_file(step: int) -> str:
@@ -56,7 +55,7 @@ class StepCheckpoints(OnOptimizerStepEnd, Checkpoint):
             self._due = None
 
     def _save(self, trainer, step: int) -> None:
-        last = self.dirpath / LAST
+        last = self.dirpath / LAST_CHECKPOINT
         if step % self.every_n_steps == 0:
             path = self.dirpath / step_file(step)
             trainer.save_checkpoint(path)
@@ -98,7 +97,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def checkpoint_step(path: str | Path) -> int:
     """The optimizer step a checkpoint (a file, or a sharded checkpoint folder) was saved at, read without
-    loading its tensors: a sharded checkpoint keeps the step in its meta.pt."""
-    if is_sharded_checkpoint(path):
-        path = Path(path) / SHARDED_META
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    loading its tensors; a file that does not read is one line naming it (gptlab.resume.read_meta)."""
+    return int(read_meta(path)["global_step"])
